@@ -1,0 +1,74 @@
+"""Token ids to text as they arrive, and stop strings.
+
+IncrementalDetokenizer decodes a sliding window of ids and emits only text that can no longer
+change: a character split over several byte-level tokens is held back until complete (the
+replacement character U+FFFD marks an incomplete one). Same scheme as vLLM and TGI.
+StopStringMatcher holds back the tail that could still become a stop string, so a client never
+sees part of a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Prompt ids kept as left context, so the first output token decodes with the right spacing.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Appends ids; returns the newly completed text (maybe empty)."""
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
+
+
+class StopStringMatcher:
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        """Adds generated text; returns what may be shown now. Sets `stopped` on a match."""
+        if self.stopped:
+            return ""
+        search_from = max(0, len(self._text) - self._hold)
+        self._text += delta
+        cut = min(
+            (i for s in self._stop if (i := self._text.find(s, search_from)) >= 0),
+            default=-1,
+        )
+        if cut >= 0:
+            self.stopped = True
+            end = cut
+        elif final:
+            end = len(self._text)
+        else:
+            end = max(self._emitted, len(self._text) - self._hold)
+        out = self._text[self._emitted : end]
+        self._emitted = end
+        return out

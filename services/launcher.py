@@ -1,0 +1,214 @@
+"""`fastserve up`: every service as its own OS process on this machine.
+
+Starts the kvstore, worker, scheduler and frontend at once (model loading overlaps), waits until
+each reports SERVING on its gRPC health service, then prints one `ready` line. It supervises
+them: if one exits, it names it, stops the rest and exits non-zero, so a half-running stack never
+looks healthy. SIGTERM / SIGINT stop every child; children also get SIGTERM if the launcher
+itself dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from services.common.flags import add_flag
+from services.common.health import is_serving
+from services.common.logs import LOG_LEVELS, setup_logging
+from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
+
+log = logging.getLogger("launcher")
+
+STOP_GRACE_S = 8.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str
+    process: subprocess.Popen | None = None
+    ready: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
+    add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
+    add_flag(parser, "--host", default="127.0.0.1", help="interface for the public port")
+    add_flag(parser, "--grpc-port", type=int, default=50051, help="public gRPC port")
+    add_flag(parser, "--scheduler-port", type=int, default=0, help="0 picks a free port")
+    add_flag(parser, "--worker-port", type=int, default=0, help="0 picks a free port")
+    add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
+    add_flag(parser, "--policy", default="fcfs", help="scheduling policy")
+    add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
+    add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
+    add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
+    add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16")
+    add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
+    add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
+    add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="worker KV pool bytes")
+    add_flag(parser, "--default-max-tokens", type=int, default=1024, help="when unset")
+    add_flag(parser, "--startup-timeout", type=float, default=900.0, help="seconds to get ready")
+    add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def plan(args: argparse.Namespace) -> list[Child]:
+    """The four children and their command lines (the same entry points a container runs)."""
+    local = "127.0.0.1"
+    kv_port = args.kvstore_port or free_port()
+    worker_port = args.worker_port or free_port()
+    sched_port = args.scheduler_port or free_port()
+    level = ["--log-level", args.log_level]
+    model = ["--model", args.model]
+    return [
+        Child("kvstore", ["kvstore", "--port", str(kv_port), *level], f"{local}:{kv_port}"),
+        Child(
+            "worker",
+            [
+                "worker", "--port", str(worker_port), *model,
+                "--load-format", args.load_format, "--device", args.device,
+                "--dtype", args.dtype, "--block-size", str(args.block_size),
+                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes), *level,
+            ],
+            f"{local}:{worker_port}",
+        ),
+        Child(
+            "scheduler",
+            [
+                "scheduler", "--port", str(sched_port),
+                "--worker-address", f"{local}:{worker_port}",
+                "--kvstore-address", f"{local}:{kv_port}", "--policy", args.policy,
+                "--max-batch-size", str(args.max_batch_size),
+                "--max-batched-tokens", str(args.max_batched_tokens), *level,
+            ],
+            f"{local}:{sched_port}",
+        ),
+        Child(
+            "frontend",
+            [
+                "frontend", "--host", args.host, "--port", str(args.grpc_port),
+                "--scheduler-address", f"{local}:{sched_port}", *model,
+                "--default-max-tokens", str(args.default_max_tokens), *level,
+            ],
+            f"{args.host}:{args.grpc_port}",
+        ),
+    ]  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Supervisor:
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+        self._stopping = False
+
+    def start(self) -> None:
+        for child in self.children:
+            child.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *child.argv],
+                preexec_fn=_die_with_parent,
+            )
+            log.info("started %s (pid %d) on %s", child.name, child.process.pid, child.address)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.process and c.process.poll() is not None), None)
+
+    def wait_ready(self, timeout_s: float) -> Child | None:
+        """Waits until every child is SERVING; returns a child that died or timed out."""
+        deadline = time.monotonic() + timeout_s
+        while not all(c.ready for c in self.children):
+            if self._stopping:
+                return None
+            dead = self.dead_child()
+            if dead is not None:
+                return dead
+            for child in self.children:
+                if not child.ready and is_serving(child.address, timeout_s=0.5):
+                    child.ready = True
+                    log.info("%s is ready", child.name)
+            if time.monotonic() > deadline:
+                return next(c for c in self.children if not c.ready)
+            time.sleep(0.2)
+        return None
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop_all(self) -> None:
+        # Frontend first, so clients see a clean UNAVAILABLE rather than half an answer.
+        for child in reversed(self.children):
+            if child.process and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+                child.process.kill()
+                child.process.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("launcher", args.log_level)
+    supervisor = Supervisor(plan(args))
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    supervisor.start()
+    try:
+        failed = supervisor.wait_ready(args.startup_timeout)
+        if failed is not None:
+            code = failed.process.poll() if failed.process else None
+            why = f"exited with code {code}" if code is not None else "did not become ready"
+            print(f"fastserve: {failed.name} {why}; stopping the others", file=sys.stderr)
+            return 1
+        if supervisor.stopping:
+            return 0
+        frontend = supervisor.children[-1]
+        print(
+            f"fastserve ready: gRPC {frontend.address} "
+            f"(model {args.model}; "
+            + ", ".join(f"{c.name} {c.address}" for c in supervisor.children[:-1])
+            + ")",
+            flush=True,
+        )
+        while not supervisor.stopping:
+            dead = supervisor.dead_child()
+            if dead is not None:
+                code = dead.process.poll() if dead.process else None
+                print(
+                    f"fastserve: {dead.name} exited with code {code}; stopping the others",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        supervisor.stop_all()

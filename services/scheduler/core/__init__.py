@@ -1,0 +1,25 @@
+"""The scheduler's pure core: job table, KV block accounting, policies, decisions.
+
+Nothing here imports grpc, torch or generated protobuf, so the same code runs in the live
+scheduler, in unit tests and in a simulator.
+"""
+
+from services.scheduler.core.block_manager import BlockManager
+from services.scheduler.core.decision import Decision, Event, EventKind, ScheduledChunk
+from services.scheduler.core.job import FinishReason, Job, JobStatus, SamplingParams
+from services.scheduler.core.scheduler import AdmissionError, SchedulerConfig, SchedulerCore
+
+__all__ = [
+    "AdmissionError",
+    "BlockManager",
+    "Decision",
+    "Event",
+    "EventKind",
+    "FinishReason",
+    "Job",
+    "JobStatus",
+    "SamplingParams",
+    "ScheduledChunk",
+    "SchedulerConfig",
+    "SchedulerCore",
+]

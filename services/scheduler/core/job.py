@@ -1,0 +1,89 @@
+"""A job: one generation request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class JobStatus(Enum):
+    WAITING = "waiting"  # admitted, never ran
+    RUNNING = "running"  # in the last iteration's batch
+    PREEMPTED = "preempted"  # ran before, not in the last batch
+    FINISHED = "finished"
+
+
+class FinishReason(Enum):
+    STOP = "stop"  # a stop token was sampled
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"  # the frontend cancelled it
+    ABORTED = "aborted"  # the scheduler gave up on it
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 disables
+    seed: int | None = None  # reproducible sampling when set
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+@dataclass(slots=True)
+class Job:
+    job_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    arrival_time: float = 0.0
+    # Mutable state, owned by SchedulerCore.
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the job's device blocks
+    block_ids: list[int] = field(default_factory=list)  # block table, identical on every stage
+    status: JobStatus = JobStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Token ids [start, stop) of prompt + output."""
+        num_prompt = len(self.prompt_token_ids)
+        if stop <= num_prompt:
+            return self.prompt_token_ids[start:stop]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : stop - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is JobStatus.FINISHED

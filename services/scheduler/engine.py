@@ -1,0 +1,214 @@
+"""The scheduler's busy loop, in its own thread: drain submits and cancels, schedule, run the
+worker, update, publish one message per frontend per iteration.
+
+gRPC handlers never touch the core: they post to the inbox and read from their outbox, so the
+loop owns all job state without locks (STYLE 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from services.scheduler.core import Event, EventKind, Job, SchedulerCore
+from services.scheduler.worker_link import WorkerError, WorkerLink
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "/"  # internal job id = "<frontend id>/<frontend's job id>"
+IDLE_WAIT_S = 0.05
+WORKER_RETRY_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Events for one frontend from one iteration (iteration_id 0: outside an iteration)."""
+
+    iteration_id: int
+    events: list[tuple[str, Event]]  # (frontend's job id, event)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_waiting_jobs: int = 0
+    num_running_jobs: int = 0
+    num_total_blocks: int = 0
+    num_free_blocks: int = 0
+    num_iterations: int = 0
+    num_submitted_jobs: int = 0
+    num_finished_jobs: int = 0
+    num_cancelled_jobs: int = 0
+    num_rejected_jobs: int = 0
+    num_recomputed_jobs: int = 0
+    mean_iteration_ms: float = 0.0
+    mean_forward_ms: float = 0.0
+    num_frontends: int = 0
+    num_worker_used_blocks: int = 0
+
+
+class Engine:
+    def __init__(self, core: SchedulerCore, worker: WorkerLink) -> None:
+        self._core = core
+        self._worker = worker
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._outboxes: dict[str, queue.SimpleQueue[Outgoing | None]] = {}
+        self._outboxes_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._iteration_s: deque[float] = deque(maxlen=1000)
+        self._forward_s: deque[float] = deque(maxlen=1000)
+        self._worker_used_blocks = 0
+        self._stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # -- called from gRPC threads ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.open()
+        self._publish_stats()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._worker.close()
+
+    def connect(self, frontend_id: str) -> queue.SimpleQueue[Outgoing | None]:
+        outbox: queue.SimpleQueue[Outgoing | None] = queue.SimpleQueue()
+        with self._outboxes_lock:
+            self._outboxes[frontend_id] = outbox
+        return outbox
+
+    def disconnect(self, frontend_id: str) -> None:
+        """The frontend's stream broke: cancel all its jobs."""
+        with self._outboxes_lock:
+            outbox = self._outboxes.pop(frontend_id, None)
+        if outbox is not None:
+            outbox.put(None)
+            self._inbox.put(("disconnect", frontend_id))
+
+    def submit(self, frontend_id: str, jobs: list[Job], rejected: list[tuple[str, str]]) -> None:
+        """Admits jobs; `rejected` are (job id, error) pairs the edge could not even parse."""
+        self._inbox.put(("submit", frontend_id, jobs, rejected))
+
+    def cancel(self, frontend_id: str, job_ids: list[str]) -> None:
+        self._inbox.put(("cancel", frontend_id, job_ids))
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self._core.has_work())
+            decision = self._core.schedule()
+            if decision.is_empty:
+                self._publish(0, decision.events)
+                continue
+            started = time.perf_counter()
+            try:
+                result = self._worker.execute(decision)
+            except WorkerError as exc:
+                log.error("%s; re-prefilling every job once the worker is back", exc)
+                self._recover_worker()
+                continue
+            events = decision.events + self._core.update(decision, result.tokens)
+            self._iteration_s.append(time.perf_counter() - started)
+            self._forward_s.append(result.forward_s)
+            self._worker_used_blocks = result.num_used_blocks
+            self._publish(decision.iteration_id, events)
+            self._publish_stats()
+        for event in self._core.abort_all():
+            self._publish(0, [event])
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        events: list[Event] = []
+        while True:
+            events.extend(self._apply(item))
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._publish(0, events)
+        self._publish_stats()
+
+    def _apply(self, item: tuple) -> list[Event]:
+        kind, frontend_id, *rest = item
+        if kind == "submit":
+            jobs, rejected = rest
+            events = [
+                Event(f"{frontend_id}{SEPARATOR}{job_id}", EventKind.REJECTED, error=error)
+                for job_id, error in rejected
+            ]
+            for job in jobs:
+                job.job_id = f"{frontend_id}{SEPARATOR}{job.job_id}"
+                events.extend(self._core.add_job(job))
+            return events
+        if kind == "cancel":
+            (job_ids,) = rest
+            events = []
+            for job_id in job_ids:
+                events.extend(self._core.cancel(f"{frontend_id}{SEPARATOR}{job_id}"))
+            return events
+        if kind == "disconnect":
+            prefix = f"{frontend_id}{SEPARATOR}"
+            for job_id in self._core.job_ids():
+                if job_id.startswith(prefix):
+                    self._core.cancel(job_id)
+            return []
+        raise ValueError(f"unknown inbox item {kind!r}")
+
+    def _publish(self, iteration_id: int, events: list[Event]) -> None:
+        by_frontend: dict[str, list[tuple[str, Event]]] = {}
+        for event in events:
+            frontend_id, _, job_id = event.job_id.partition(SEPARATOR)
+            by_frontend.setdefault(frontend_id, []).append((job_id, event))
+        with self._outboxes_lock:
+            for frontend_id, items in by_frontend.items():
+                outbox = self._outboxes.get(frontend_id)
+                if outbox is not None:
+                    outbox.put(Outgoing(iteration_id, items))
+
+    def _publish_stats(self) -> None:
+        core = self._core.stats()
+        with self._outboxes_lock:
+            num_frontends = len(self._outboxes)
+        self._stats = EngineStats(
+            num_waiting_jobs=core.num_waiting_jobs,
+            num_running_jobs=core.num_running_jobs,
+            num_total_blocks=core.num_total_blocks,
+            num_free_blocks=core.num_free_blocks,
+            num_iterations=core.num_iterations,
+            num_submitted_jobs=core.num_submitted_jobs,
+            num_finished_jobs=core.num_finished_jobs,
+            num_cancelled_jobs=core.num_cancelled_jobs,
+            num_rejected_jobs=core.num_rejected_jobs,
+            num_recomputed_jobs=core.num_recomputed_jobs,
+            mean_iteration_ms=_mean_ms(self._iteration_s),
+            mean_forward_ms=_mean_ms(self._forward_s),
+            num_frontends=num_frontends,
+            num_worker_used_blocks=self._worker_used_blocks,
+        )
+
+    def _recover_worker(self) -> None:
+        """The worker lost its KV (crash, restart): reconnect, then recompute every job."""
+        while not self._stop.is_set():
+            try:
+                self._worker.open()
+                break
+            except WorkerError:
+                time.sleep(WORKER_RETRY_S)
+        self._core.recompute_all()
+
+
+def _mean_ms(samples: deque[float]) -> float:
+    return 1000 * sum(samples) / len(samples) if samples else 0.0

@@ -1,0 +1,75 @@
+"""`fastserve scheduler`: the scheduler process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fastserve.scheduler.v1 import scheduler_pb2_grpc
+from services.common.flags import add_flag
+from services.common.grpc_server import bind, build_server, set_health
+from services.common.lifecycle import announce_ready, run_until_signal
+from services.common.logs import LOG_LEVELS, setup_logging
+from services.scheduler.core import SchedulerConfig, SchedulerCore
+from services.scheduler.core.policy import POLICIES
+from services.scheduler.engine import Engine
+from services.scheduler.server import SERVICE_NAME, SchedulerServicer
+from services.scheduler.worker_link import WorkerLink
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
+    add_flag(parser, "--port", type=int, default=50052, help="gRPC port (0 picks a free one)")
+    add_flag(parser, "--worker-address", default="127.0.0.1:50061", help="worker stage 0")
+    add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
+    add_flag(parser, "--policy", default="fcfs", choices=sorted(POLICIES), help="queue policy")
+    add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
+    add_flag(
+        parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration"
+    )
+    add_flag(
+        parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
+    )
+    add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("scheduler", args.log_level)
+    worker = WorkerLink(args.worker_address)
+    info = worker.wait_for_info(args.worker_timeout)
+    log.info(
+        "worker %s: %s on %s (%s), %d blocks of %d tokens",
+        args.worker_address,
+        info.model_name,
+        info.device,
+        info.dtype,
+        info.num_blocks,
+        info.block_size,
+    )
+    config = SchedulerConfig(
+        num_blocks=info.num_blocks,
+        block_size=info.block_size,
+        max_model_len=info.max_model_len,
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
+        policy=args.policy,
+    )
+    engine = Engine(SchedulerCore(config), worker)
+    engine.start()
+    server, health = build_server([SERVICE_NAME])
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+        SchedulerServicer(engine, args.policy, info.block_size), server
+    )
+    port = bind(server, f"{args.host}:{args.port}")
+    server.start()
+    set_health(health, [SERVICE_NAME], serving=True)
+    announce_ready("scheduler", f"{args.host}:{port}")
+
+    def stop() -> None:
+        set_health(health, [SERVICE_NAME], serving=False)
+        server.stop(grace=2).wait()
+        engine.stop()
+
+    return run_until_signal("scheduler", stop)

@@ -1,0 +1,108 @@
+"""The scheduler's side of a worker: Info, and one long-lived Run stream of commands."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from fastserve.worker.v1 import worker_pb2 as wpb
+from fastserve.worker.v1 import worker_pb2_grpc
+from services.common.grpc_server import GRPC_OPTIONS
+from services.scheduler.convert import decision_to_command
+from services.scheduler.core import Decision
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """The worker failed a command or its stream broke."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    model_name: str
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    tokens: dict[str, int]  # job id -> sampled token
+    forward_s: float  # model forward + sampling on the worker
+    total_s: float  # whole command on the worker
+    num_used_blocks: int  # blocks the worker holds for jobs after the command
+
+
+class WorkerLink:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._requests: queue.SimpleQueue[wpb.Command | None] | None = None
+        self._responses = None
+        self._next_command_id = 1
+
+    def wait_for_info(self, timeout_s: float) -> WorkerInfo:
+        """Polls Info until the worker answers (it may still be loading the model)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = self._stub.Info(wpb.InfoRequest(), timeout=5)
+                return WorkerInfo(
+                    model_name=reply.model_name,
+                    num_blocks=reply.num_blocks,
+                    block_size=reply.block_size_tokens,
+                    max_model_len=reply.max_model_len,
+                    device=reply.device,
+                    dtype=reply.dtype,
+                )
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"worker {self.address} did not answer: {exc}") from exc
+                time.sleep(0.2)
+
+    def open(self) -> None:
+        """(Re)opens the Run stream and resets the worker's block ownership."""
+        self.close()
+        requests: queue.SimpleQueue[wpb.Command | None] = queue.SimpleQueue()
+        self._requests = requests
+        self._responses = self._stub.Run(iter(requests.get, None))
+        self._call(wpb.Command(reset=wpb.Reset()))
+
+    def execute(self, decision: Decision) -> StepResult:
+        result = self._call(decision_to_command(decision, 0))
+        return StepResult(
+            tokens={t.job_id: t.token_id for t in result.tokens},
+            forward_s=result.forward_us / 1e6,
+            total_s=result.total_us / 1e6,
+            num_used_blocks=result.num_used_blocks,
+        )
+
+    def _call(self, command: wpb.Command) -> wpb.Result:
+        if self._requests is None or self._responses is None:
+            raise WorkerError("worker stream is not open")
+        command.command_id = self._next_command_id
+        self._next_command_id += 1
+        self._requests.put(command)
+        try:
+            result = next(self._responses)
+        except (grpc.RpcError, StopIteration) as exc:
+            self._requests = None
+            raise WorkerError(f"worker {self.address} stream broke: {exc}") from exc
+        if result.error:
+            raise WorkerError(f"worker {self.address}: {result.error}")
+        return result
+
+    def close(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+        if self._responses is not None:
+            self._responses.cancel()
+        self._requests = self._responses = None

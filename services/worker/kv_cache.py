@@ -1,0 +1,123 @@
+"""The physical paged KV cache: a fixed pool of blocks, each holding `block_size` positions.
+
+Layout is block-major: one tensor [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads,
+head_dim]. Everything one block holds, over all layers, is then one contiguous slice, so swapping
+a block to host memory (FastServe's proactive swapping) is a single copy per block rather than
+one per layer. The attention code sees per-layer views [num_blocks, block_size, heads, head_dim]
+and addresses a token by (block id, offset in block).
+
+The pool knows nothing of jobs: which block belongs to whom is the block manager's business;
+this module only stores and fetches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+K_INDEX, V_INDEX = 0, 1
+
+
+class KVCache:
+    """A pool of KV blocks for `num_layers` consecutive layers (one pipeline stage's worth)."""
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0 or num_layers <= 0:
+            raise ValueError(
+                f"num_blocks, block_size and num_layers must be positive, got "
+                f"{num_blocks}, {block_size}, {num_layers}"
+            )
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.data = torch.zeros(
+            (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim),
+            dtype=dtype,
+            device=device,
+        )
+
+    @staticmethod
+    def bytes_per_block(
+        *, block_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s keys as a view [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.data[:, layer, K_INDEX]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s values as a view [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.data[:, layer, V_INDEX]
+
+    def store(
+        self,
+        layer: int,
+        block_idx: torch.Tensor,
+        offsets: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        """Writes key/value rows [T, num_kv_heads, head_dim] at (block_idx[t], offsets[t])."""
+        self.keys(layer)[block_idx, offsets] = key
+        self.values(layer)[block_idx, offsets] = value
+
+    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values for block tables [B, num_table_blocks], as [B, heads, S, head_dim].
+
+        S = num_table_blocks * block_size; position s of row b is at block_table[b, s // bs].
+        """
+        num_rows, num_table_blocks = block_table.shape
+        num_positions = num_table_blocks * self.block_size
+        shape = (num_rows, num_positions, self.num_kv_heads, self.head_dim)
+        key = self.keys(layer)[block_table].reshape(shape).transpose(1, 2)
+        value = self.values(layer)[block_table].reshape(shape).transpose(1, 2)
+        return key, value
+
+    def read_blocks(
+        self, block_ids: Sequence[int], device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A copy of the given blocks, [len(block_ids), num_layers, 2, block_size, heads, head_dim].
+
+        For swapping out: the result does not alias the pool, so the blocks may be reused.
+        """
+        index = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        return self.data.index_select(0, index).to(device)
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+        """Stores a read_blocks() result (from any device) into the given blocks, in order."""
+        expected = (len(block_ids), *self.data.shape[1:])
+        if tuple(blocks.shape) != expected:
+            raise ValueError(f"blocks have shape {tuple(blocks.shape)}, expected {expected}")
+        index = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        self.data.index_copy_(0, index, blocks.to(device=self.device, dtype=self.dtype))
+
+    def clear(self) -> None:
+        """Zeroes every block. Not needed for correctness (positions are always written before
+        they are read), but keeps stale data from leaking into debugging sessions."""
+        self.data.zero_()

@@ -1,0 +1,93 @@
+"""`fastserve worker`: one model-shard worker (a pipeline stage; one stage for now)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from fastserve.worker.v1 import worker_pb2 as wpb
+from fastserve.worker.v1 import worker_pb2_grpc
+from services.common.flags import add_flag
+from services.common.grpc_server import bind, build_server, set_health
+from services.common.lifecycle import announce_ready, run_until_signal
+from services.common.logs import LOG_LEVELS, setup_logging
+from services.common.model_source import (
+    DEFAULT_MODEL,
+    LOAD_FORMATS,
+    load_model,
+    max_model_len,
+    resolve_model,
+)
+from services.worker.executor import Executor
+from services.worker.model_runner import ModelRunner
+from services.worker.server import SERVICE_NAME, WorkerServicer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
+    add_flag(parser, "--port", type=int, default=50061, help="gRPC port (0 picks a free one)")
+    add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
+    add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
+    add_flag(parser, "--device", default="cpu", help="cpu, cuda, cuda:N")
+    add_flag(parser, "--dtype", default="float32", choices=sorted(DTYPES), help="weights and KV")
+    add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
+    add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
+    add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="KV pool size in bytes")
+    add_flag(parser, "--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("worker", args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("worker: --device cuda requested but CUDA is not available")
+    dtype = DTYPES[args.dtype]
+    source = resolve_model(args.model)
+    model = load_model(source, dtype=dtype, device=args.device, load_format=args.load_format)
+    num_blocks = args.num_blocks or max(
+        1, args.kv_bytes // ModelRunner.bytes_per_block(model.config, args.block_size, dtype)
+    )
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size)
+    info = wpb.InfoResponse(
+        model_name=source.name,
+        stage_index=0,
+        num_stages=1,
+        first_layer=0,
+        num_layers=model.config.num_hidden_layers,
+        num_total_layers=model.config.num_hidden_layers,
+        num_blocks=num_blocks,
+        block_size_tokens=args.block_size,
+        block_bytes=runner.block_bytes,
+        dtype=args.dtype,
+        device=str(next(model.parameters()).device),
+        vocab_size=model.config.vocab_size,
+        max_model_len=max_model_len(model.config),
+        tensor_parallel_size=1,
+    )
+    log.info(
+        "loaded %s: %d blocks x %d tokens on %s",
+        source.name,
+        num_blocks,
+        args.block_size,
+        info.device,
+    )
+    server, health = build_server([SERVICE_NAME], max_workers=8)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(Executor(runner), info), server)
+    port = bind(server, f"{args.host}:{args.port}")
+    server.start()
+    set_health(health, [SERVICE_NAME], serving=True)
+    announce_ready("worker", f"{args.host}:{port}")
+
+    def stop() -> None:
+        set_health(health, [SERVICE_NAME], serving=False)
+        server.stop(grace=1).wait()
+
+    return run_until_signal("worker", stop)

@@ -1,0 +1,74 @@
+"""The worker's gRPC edge: Info and the Run command stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastserve.worker.v1 import worker_pb2 as wpb
+from fastserve.worker.v1 import worker_pb2_grpc
+from services.worker.batch import Sampling, SeqChunk
+from services.worker.executor import CommandError, Executor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = wpb.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def chunk_from_pb(seq: wpb.SeqInput) -> SeqChunk:
+    s = seq.sampling
+    return SeqChunk(
+        job_id=seq.job_id,
+        token_ids=list(seq.token_ids),
+        start_pos=seq.start_pos,
+        block_ids=list(seq.block_ids),
+        sample=seq.sample,
+        sampling=Sampling(
+            temperature=s.temperature,
+            top_p=s.top_p or 1.0,
+            top_k=s.top_k,
+            seed=s.seed if s.has_seed else None,
+        ),
+    )
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, executor: Executor, info: wpb.InfoResponse) -> None:
+        self._executor = executor
+        self._info = info
+
+    def Info(self, request, context):
+        return self._info
+
+    def Run(self, request_iterator, context):
+        # Commands arrive in order on one stream and are executed in order; the model forward
+        # runs here because there is nothing else for this stage to do meanwhile.
+        for command in request_iterator:
+            yield self._execute(command)
+
+    def _execute(self, command: wpb.Command) -> wpb.Result:
+        started = time.perf_counter()
+        result = wpb.Result(command_id=command.command_id)
+        try:
+            self._executor.free(command.free_first.job_ids)
+            kind = command.WhichOneof("kind")
+            if kind == "step":
+                output = self._executor.step([chunk_from_pb(s) for s in command.step.seqs])
+                result.tokens.extend(
+                    wpb.SampledToken(job_id=j, token_id=t) for j, t in output.tokens
+                )
+                result.forward_us = int(output.forward_s * 1e6)
+            elif kind == "free":
+                self._executor.free(command.free.job_ids)
+            elif kind == "reset":
+                self._executor.reset()
+            elif kind in ("swap_out", "swap_in"):
+                raise CommandError(f"{kind}: not supported by this worker yet")
+        except CommandError as exc:
+            result.error = str(exc)
+        except Exception as exc:  # never let one bad command kill the stream
+            log.exception("command %d failed", command.command_id)
+            result.error = f"internal error: {type(exc).__name__}: {exc}"
+        result.num_used_blocks = self._executor.num_used_blocks
+        result.total_us = int((time.perf_counter() - started) * 1e6)
+        return result
