@@ -56,6 +56,8 @@ def _wrap_unary(fn):
     def wrapped(request, context):
         try:
             return fn(request, context)
+        except grpc.RpcError:
+            return None  # the caller went away (or abort() ran): nothing left to tell it
         except Exception as exc:
             context.abort(*_status_of(exc))
 
@@ -66,6 +68,8 @@ def _wrap_stream(fn):
     def wrapped(request, context):
         try:
             yield from fn(request, context)
+        except grpc.RpcError:
+            return  # the caller went away (or abort() ran): nothing left to tell it
         except Exception as exc:
             context.abort(*_status_of(exc))
 

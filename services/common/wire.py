@@ -48,7 +48,7 @@ def find_invalid_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> 
             index = counts.get(field.name, 0)
             counts[field.name] = index + 1
             name = prefix + field.name
-            if field.label == FieldDescriptor.LABEL_REPEATED:
+            if field.is_repeated:
                 name += f"[{index}]"
             if field.type == FieldDescriptor.TYPE_STRING:
                 try:

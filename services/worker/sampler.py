@@ -2,13 +2,14 @@
 
 Greedy rows take the argmax. Other rows are divided by their temperature, cut to the top-k, cut
 to the nucleus (top-p: the smallest prefix of the sorted distribution whose probability reaches
-top_p, never empty), renormalised, and sampled by inverse CDF: one uniform number per row,
-located in the row's cumulative distribution with a single vectorised searchsorted.
+top_p, never empty), and sampled with the exponential race: token = argmax(p_i / E_i) with
+E_i ~ Exp(1) drawn per token, which picks i with probability p_i (as vLLM does).
 
-Drawing the uniform numbers ourselves (instead of calling torch.multinomial per row) is what
-makes seeded sampling cheap and reproducible: a seeded row's number comes from a CPU generator
-seeded from (seed, position) alone, so it does not depend on which other jobs share the batch,
-on the device, or on whether the job is recomputed after preemption.
+We use the race rather than inverse-CDF or torch.multinomial because it is stable: a seeded
+row's noise depends only on (seed, position), and a tiny change of the logits (another batch
+composition sums in another order) changes the pick only if two tokens nearly tie for the
+maximum. Inverse-CDF over a flat 50k-token distribution flips tokens on 1e-6 perturbations,
+which would break "re-batching or recomputation samples the same token".
 """
 
 from __future__ import annotations
@@ -61,38 +62,44 @@ def _sample_random(
     logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence[int]
 ) -> list[int]:
     device = logits.device
-    num_rows, vocab_size = logits.shape
+    vocab_size = logits.shape[1]
     temperature = torch.tensor([p.temperature for p in params], device=device)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if any(p.top_k or p.top_p < 1 for p in params):
+        probs = probs * _keep_mask(probs, params)
+    # Clamp so a zero draw cannot turn a dropped token's 0 / 0 into NaN (argmax favours NaN).
+    scores = probs / _exponentials(params, positions, vocab_size, device).clamp_min(1e-20)
+    return scores.argmax(dim=-1).tolist()
+
+
+def _keep_mask(probs: torch.Tensor, params: Sequence[Sampling]) -> torch.Tensor:
+    """Which tokens survive top-k then top-p, as a bool mask in vocabulary order."""
+    device = probs.device
+    vocab_size = probs.shape[1]
     top_p = torch.tensor([p.top_p for p in params], device=device)
     # top_k = 0 (disabled) keeps the whole vocabulary.
     top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
-
-    sorted_logits, sorted_ids = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
-    ranks = torch.arange(vocab_size, device=device)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep a token while the mass before it is short of top_p; rank 0 always stays.
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = (mass_before < top_p[:, None]) & (ranks[None, :] < top_k[:, None])
-    keep[:, 0] = True
-    cdf = torch.cumsum((probs * keep).double(), dim=-1)
-
-    uniform = _uniforms(params, positions).to(device)
-    targets = uniform[:, None] * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, targets, right=True)
-    # Rounding can put a target at the very top of the CDF; stay inside the kept prefix.
-    num_kept = keep.sum(dim=-1, keepdim=True)
-    picked = torch.minimum(picked, num_kept - 1)
-    assert picked.shape == (num_rows, 1)
-    return sorted_ids.gather(1, picked).squeeze(1).tolist()
+    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+    in_top_k = torch.arange(vocab_size, device=device)[None, :] < top_k[:, None]
+    # Nucleus over the top-k survivors, renormalised (as HF and vLLM apply them in turn).
+    sorted_probs = sorted_probs * in_top_k
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    # Keep a token while the mass before it is short of top_p; the top token always stays.
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = in_top_k & (mass_before < top_p[:, None])
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(1, sorted_ids, keep_sorted)
 
 
-def _uniforms(params: Sequence[Sampling], positions: Sequence[int]) -> torch.Tensor:
-    """One number in [0, 1) per row, float64 so the CDF lookup is not coarsened."""
-    values = torch.rand(len(params), dtype=torch.float64)  # unseeded rows: global RNG
-    generator = torch.Generator()
+def _exponentials(
+    params: Sequence[Sampling], positions: Sequence[int], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Exp(1) noise [rows, vocab]: seeded rows from their own generator, the rest from torch's
+    global one. NOTE: a seeded stream is reproducible per device type, not across cpu/cuda."""
+    noise = torch.empty((len(params), vocab_size), device=device).exponential_()
+    generator = torch.Generator(device=device)
     for row, (param, position) in enumerate(zip(params, positions, strict=True)):
         if param.seed is not None:
             generator.manual_seed(row_seed(param.seed, position))
-            values[row] = torch.rand(1, generator=generator, dtype=torch.float64)
-    return values
+            noise[row].exponential_(generator=generator)
+    return noise

@@ -1,0 +1,223 @@
+"""The spine end to end: `fastserve up` with four real processes and a tiny random Llama."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from fastserve.v1 import generation_pb2 as pb
+from fastserve_client import Client, InvalidArgumentError
+from services.common.health import is_serving
+from services.frontend.tokenizer import encode_prompt
+from tests.oracle import assert_greedy_matches, hf_greedy
+from tests.stack import Stack, pid_alive
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Le renard brun rapide saute par-dessus le chien paresseux. 日本語のテキスト",
+    "a " * 60,
+    "What is the meaning of life?",
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir):
+    # A small block pool (64 blocks x 16 tokens) so 16 concurrent jobs also exercise preemption.
+    stack = Stack.start(tiny_model_dir, "--num-blocks", "64", "--max-batch-size", "8")
+    yield stack
+    assert stack.stop() == 0, "".join(stack.output[-40:])
+
+
+def test_sixteen_concurrent_greedy_requests_match_transformers(
+    stack, tiny_hf_model, tiny_tokenizer
+):
+    requests = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + 3 * i) for i in range(16)]
+
+    def run(item):
+        prompt, max_tokens = item
+        with Client(stack.address) as client:
+            return client.complete(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, requests))
+    for (prompt, max_tokens), result in zip(requests, results, strict=True):
+        prompt_ids = encode_prompt(tiny_tokenizer, prompt)
+        assert result.usage.prompt_tokens == len(prompt_ids)
+        assert result.usage.completion_tokens == max_tokens == len(result.token_ids)
+        assert result.finish_reason == "length"
+        ref = hf_greedy(tiny_hf_model, prompt_ids, max_tokens)
+        assert_greedy_matches(tiny_hf_model, prompt_ids, result.token_ids, ref)
+        assert result.text == tiny_tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_worker_used_blocks == 0
+
+
+def test_stop_string_ends_generation_and_is_not_shown(stack):
+    with Client(stack.address) as client:
+        full = client.complete("Once upon a time", max_tokens=20, temperature=0, ignore_eos=True)
+        stop = full.text[5:9]
+        assert stop.strip(), full.text
+        cut = client.complete(
+            "Once upon a time", max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]
+        )
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(stack):
+    with Client(stack.address) as client:
+        runs = [
+            client.complete("Hello", max_tokens=10, temperature=1.0, top_p=0.9, seed=7).token_ids
+            for _ in range(2)
+        ]
+        other = client.complete("Hello", max_tokens=10, temperature=1.0, seed=8).token_ids
+    assert runs[0] == runs[1]
+    assert other != runs[0]
+
+
+def test_chat_uses_the_chat_template(stack, tiny_tokenizer):
+    from services.frontend.tokenizer import ChatTurn, encode_chat
+
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    with Client(stack.address) as client:
+        result = client.complete(messages=messages, max_tokens=4, temperature=0, ignore_eos=True)
+    expected_ids = encode_chat(tiny_tokenizer, [ChatTurn("user", "What is 2+2?")])
+    assert result.usage.prompt_tokens == len(expected_ids)
+
+
+def test_dropping_a_stream_cancels_the_job_and_frees_its_blocks(stack):
+    before = stack.scheduler_stats()
+    with Client(stack.address) as client:
+        stream = client.generate("Tell me a long story", max_tokens=400, ignore_eos=True)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 5:
+                break
+        busy = stack.scheduler_stats()
+        stream.close()
+    assert busy.num_free_blocks < busy.num_total_blocks  # the job held blocks mid-stream
+    stats = stack.wait_for_stats(
+        lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs
+        and s.num_free_blocks == s.num_total_blocks
+        and s.num_worker_used_blocks == 0
+    )
+    assert stats.num_cancelled_jobs == before.num_cancelled_jobs + 1
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_worker_used_blocks == 0
+    assert stats.num_waiting_jobs == stats.num_running_jobs == 0
+
+
+BAD_REQUESTS = [
+    ("prompt", dict(prompt="", max_tokens=4)),
+    ("max_tokens", dict(prompt="hi", max_tokens=0)),
+    ("max_tokens", dict(prompt="hi", max_tokens=-3)),
+    ("max_tokens", dict(prompt="hi", max_tokens=100_000)),
+    ("temperature", dict(prompt="hi", temperature=-0.5)),
+    ("top_p", dict(prompt="hi", top_p=0.0)),
+    ("top_p", dict(prompt="hi", top_p=1.5)),
+    ("top_k", dict(prompt="hi", top_k=-1)),
+    ("model", dict(prompt="hi", model="no-such-model")),
+    ("chat.messages", dict(chat=pb.ChatInput())),
+]
+
+
+def _raw_generate(address: str, payload: bytes):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream(
+            "/fastserve.v1.Generation/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        return list(call(payload, timeout=30))
+
+
+def test_bad_input_is_invalid_argument_naming_the_field(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = pb_grpc_stub(channel)
+        for field, kwargs in BAD_REQUESTS:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb.GenerateRequest(**kwargs), timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, info.value)
+            assert info.value.details().startswith(field), (field, info.value.details())
+    # Invalid UTF-8 in the prompt (field 2) and in a chat message's content.
+    bad_prompt = b"\x12\x03a\xff\xfe"
+    content = b"\x12\x02\xc3\x28"  # ChatMessage.content with a broken 2-byte sequence
+    message = b"\x0a\x04user" + content
+    chat = b"\x0a" + bytes([len(message)]) + message
+    bad_chat = b"\x1a" + bytes([len(chat)]) + chat
+    for payload, field in [(bad_prompt, "prompt"), (bad_chat, "chat.messages[0].content")]:
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_generate(stack.address, payload)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(field), info.value.details()
+    # The SDK raises its typed error with the same message.
+    with Client(stack.address) as client, pytest.raises(InvalidArgumentError, match="top_k"):
+        client.complete("hi", top_k=-1)
+    # Every process is alive and serving, and normal requests still work.
+    assert all(pid_alive(pid) for pid in stack.child_pids())
+    assert is_serving(stack.address) and is_serving(stack.scheduler_address)
+    with Client(stack.address) as client:
+        assert client.complete("hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+
+
+def pb_grpc_stub(channel):
+    from fastserve.v1 import generation_pb2_grpc
+
+    return generation_pb2_grpc.GenerationStub(channel)
+
+
+def test_list_models(stack, tiny_model_dir):
+    with Client(stack.address) as client:
+        (model,) = client.list_models()
+    assert model.name == tiny_model_dir.name
+    assert model.max_context_tokens == 512
+
+
+def test_generate_command_streams_text(stack):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "generate", "Hello", "--max-tokens", "5",
+         "--raw", "--address", stack.address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_sigterm_leaves_no_process_behind(tiny_model_dir):
+    stack = Stack.start(tiny_model_dir, "--num-blocks", "32")
+    children = stack.child_pids()
+    assert len(children) == 4
+    assert stack.stop() == 0
+    time.sleep(0.5)
+    assert not [pid for pid in children if pid_alive(pid)]
+
+
+def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
+    import os
+    import signal
+
+    stack = Stack.start(tiny_model_dir, "--num-blocks", "32")
+    children = stack.child_pids()
+    worker = next(
+        pid for pid in children if "worker" in open(f"/proc/{pid}/cmdline").read().split("\0")
+    )
+    os.kill(worker, signal.SIGKILL)
+    code = stack.process.wait(timeout=30)
+    assert code != 0
+    assert any("worker exited" in line for line in stack.output), "".join(stack.output[-20:])
+    time.sleep(0.5)
+    assert not [pid for pid in children if pid_alive(pid)]

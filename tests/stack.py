@@ -1,0 +1,115 @@
+"""Starts a real `fastserve up` (four OS processes) for end-to-end tests, and stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fastserve.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    address: str
+    scheduler_address: str
+    output: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, model: str | Path, *flags: str) -> Stack:
+        port, sched_port = free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "services.cli", "up", "--model", str(model),
+            "--grpc-port", str(port), "--scheduler-port", str(sched_port),
+            "--log-level", "warning", *flags,
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        stack = cls(process, f"127.0.0.1:{port}", f"127.0.0.1:{sched_port}")
+        ready = threading.Event()
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                stack.output.append(line)
+                if "fastserve ready" in line:
+                    ready.set()
+
+        stack._reader = threading.Thread(target=read, daemon=True)
+        stack._reader.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.wait(0.2):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stack.stop()
+                raise RuntimeError("fastserve up failed:\n" + "".join(stack.output[-60:]))
+        return stack
+
+    def child_pids(self) -> list[int]:
+        return child_pids(self.process.pid)
+
+    def scheduler_stats(self) -> scheduler_pb2.StatsResponse:
+        with grpc.insecure_channel(self.scheduler_address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            return stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+
+    def wait_for_stats(self, predicate, timeout_s: float = 10.0) -> scheduler_pb2.StatsResponse:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.scheduler_stats()
+            if predicate(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
