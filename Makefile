@@ -41,7 +41,7 @@ run: install
 	$(VENV)/bin/fastserve up $(ARGS)
 
 test: install
-	$(PY) -m pytest -n 2 $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

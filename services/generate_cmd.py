@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from fastserve_client import DEFAULT_ADDRESS, Chunk, Client, FastServeError
-
 from services.common.flags import add_flag
 
 

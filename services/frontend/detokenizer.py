@@ -3,7 +3,7 @@
 IncrementalDetokenizer decodes a sliding window of ids and emits only text that can no longer
 change: a character split over several byte-level tokens is held back until complete (the
 replacement character U+FFFD marks an incomplete one). Same scheme as vLLM and TGI.
-StopStringMatcher holds back the tail that could still become a stop string, so a client never
+StopStringMatcher holds back only a tail that could still become a stop string, so a client never
 sees part of a stop string.
 """
 
@@ -68,7 +68,15 @@ class StopStringMatcher:
         elif final:
             end = len(self._text)
         else:
-            end = max(self._emitted, len(self._text) - self._hold)
+            end = max(self._emitted, len(self._text) - self._held_back())
         out = self._text[self._emitted : end]
         self._emitted = end
         return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        for size in range(min(self._hold, len(self._text)), 0, -1):
+            tail = self._text[-size:]
+            if any(stop.startswith(tail) for stop in self._stop):
+                return size
+        return 0

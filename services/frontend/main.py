@@ -43,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
     server, health = build_aio_server([SERVICE_NAME])
 
+    pending: set[asyncio.Task] = set()
+
     def on_scheduler_state(connected: bool) -> None:
-        asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=connected))
+        task = asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=connected))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
     link = SchedulerLink(args.scheduler_address, on_state=on_scheduler_state)
     servicer = GenerationServicer(model, link, args.default_max_tokens)

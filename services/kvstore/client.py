@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
+from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.common.grpc_server import MAX_MESSAGE_BYTES
 from services.kvstore.backend import BlockKey, StoreFullError, StoreStats, TensorMeta
 from services.kvstore.server import (

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import grpc
-from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
+from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from services.common.grpc_server import bind, build_server, set_health
 from services.kvstore.backend import (

@@ -26,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
     add_flag(parser, "--policy", default="fcfs", choices=sorted(POLICIES), help="queue policy")
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
-    add_flag(
-        parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration"
-    )
+    add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )

@@ -84,10 +84,11 @@ def _keep_mask(probs: torch.Tensor, params: Sequence[Sampling]) -> torch.Tensor:
     # Nucleus over the top-k survivors, renormalised (as HF and vLLM apply them in turn).
     sorted_probs = sorted_probs * in_top_k
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    # Keep a token while the mass before it is short of top_p; the top token always stays.
+    # Keep a token while the mass before it is short of top_p. The top token always stays:
+    # the mass before it is 0 and top_p > 0. in_top_k guards top_p = 1, where rounding can leave
+    # the mass before a dropped token just under 1.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     keep_sorted = in_top_k & (mass_before < top_p[:, None])
-    keep_sorted[:, 0] = True
     return torch.zeros_like(keep_sorted).scatter_(1, sorted_ids, keep_sorted)
 
 

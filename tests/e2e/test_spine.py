@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -40,7 +41,9 @@ def stack(tiny_model_dir):
 def test_sixteen_concurrent_greedy_requests_match_transformers(
     stack, tiny_hf_model, tiny_tokenizer
 ):
-    requests = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + 3 * i) for i in range(16)]
+    requests = [
+        (PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 12 + 3 * i) for i in range(16)
+    ]
 
     def run(item):
         prompt, max_tokens = item
@@ -108,9 +111,11 @@ def test_dropping_a_stream_cancels_the_job_and_frees_its_blocks(stack):
         stream.close()
     assert busy.num_free_blocks < busy.num_total_blocks  # the job held blocks mid-stream
     stats = stack.wait_for_stats(
-        lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs
-        and s.num_free_blocks == s.num_total_blocks
-        and s.num_worker_used_blocks == 0
+        lambda s: (
+            s.num_cancelled_jobs > before.num_cancelled_jobs
+            and s.num_free_blocks == s.num_total_blocks
+            and s.num_worker_used_blocks == 0
+        )
     )
     assert stats.num_cancelled_jobs == before.num_cancelled_jobs + 1
     assert stats.num_free_blocks == stats.num_total_blocks
@@ -213,7 +218,7 @@ def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
     stack = Stack.start(tiny_model_dir, "--num-blocks", "32")
     children = stack.child_pids()
     worker = next(
-        pid for pid in children if "worker" in open(f"/proc/{pid}/cmdline").read().split("\0")
+        pid for pid in children if "worker" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     )
     os.kill(worker, signal.SIGKILL)
     code = stack.process.wait(timeout=30)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
 from services.kvstore.client import CHANNEL_OPTIONS, KVStoreClient
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc as pb_grpc
 from fastserve_client import (
@@ -33,7 +34,6 @@ from fastserve_client import (
     UnavailableError,
     Usage,
 )
-
 from services import generate_cmd
 
 HOLD = "hold"

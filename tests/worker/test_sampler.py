@@ -79,12 +79,16 @@ def test_unseeded_rows_are_random():
     [
         (Sampling(temperature=1.0, seed=0), PROBS),
         # Temperature 2 flattens p to p ** 0.5, renormalised.
-        (Sampling(temperature=2.0, seed=1), tuple(p**0.5 / 1.6116 for p in PROBS)),
+        (
+            Sampling(temperature=2.0, seed=1),
+            tuple(p**0.5 / sum(q**0.5 for q in PROBS) for p in PROBS),
+        ),
         # top_k=2 and top_p=0.75 both keep {0.5, 0.3}, renormalised to 0.625 / 0.375.
         (Sampling(temperature=1.0, top_k=2, seed=2), (0.625, 0.375, 0.0, 0.0)),
         (Sampling(temperature=1.0, top_p=0.75, seed=3), (0.625, 0.375, 0.0, 0.0)),
-        # top_k=3 renormalises to {0.526, 0.316, 0.158}; then top_p=0.8 keeps the first two.
-        (Sampling(temperature=1.0, top_k=3, top_p=0.8, seed=4), (0.625, 0.375, 0.0, 0.0)),
+        # top_k=3 renormalises to {0.526, 0.316, 0.158}, so top_p=0.82 keeps only the first
+        # two (without renormalising it would keep three).
+        (Sampling(temperature=1.0, top_k=3, top_p=0.82, seed=4), (0.625, 0.375, 0.0, 0.0)),
     ],
     ids=["plain", "temperature", "top_k", "top_p", "top_k+top_p"],
 )

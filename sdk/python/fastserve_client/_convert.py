@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastserve.v1 import generation_pb2 as pb
-
 from fastserve_client.types import (
     ChatMessage,
     Chunk,

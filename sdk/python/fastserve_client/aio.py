@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc as pb_grpc
-
 from fastserve_client import _convert, errors
 from fastserve_client.client import (
     DEFAULT_ADDRESS,

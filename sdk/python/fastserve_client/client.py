@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc as pb_grpc
-
 from fastserve_client import _convert, errors
 from fastserve_client.types import ChatMessage, Chunk, Completion, FinishReason, ModelInfo, Usage
 
