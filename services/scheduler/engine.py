@@ -106,11 +106,11 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox(block=not self._core.has_work())
+            started = time.perf_counter()
             decision = self._core.schedule()
             if decision.is_empty:
                 self._publish(0, decision.events)
                 continue
-            started = time.perf_counter()
             try:
                 result = self._worker.execute(decision)
             except WorkerError as exc:
@@ -118,10 +118,12 @@ class Engine:
                 self._recover_worker()
                 continue
             events = decision.events + self._core.update(decision, result.tokens)
+            self._publish(decision.iteration_id, events)
+            # Iteration = schedule + command round trip + update + publish; forward is the
+            # worker's model time, so the difference is everything the spine adds.
             self._iteration_s.append(time.perf_counter() - started)
             self._forward_s.append(result.forward_s)
             self._worker_used_blocks = result.num_used_blocks
-            self._publish(decision.iteration_id, events)
             self._publish_stats()
         for event in self._core.abort_all():
             self._publish(0, [event])

@@ -148,8 +148,10 @@ class ModelRunner:
             return []
         inputs = self.prepare(seqs)
         hidden = self.run_layers(self.embed(inputs), inputs)
-        tokens = self.sample(self.compute_logits(hidden, inputs), inputs)
         results: list[int | None] = [None] * len(seqs)
+        if not inputs.sample_seqs:  # only non-final prompt chunks: no logits needed
+            return results
+        tokens = self.sample(self.compute_logits(hidden, inputs), inputs)
         for seq_index, token in zip(inputs.sample_seqs, tokens, strict=True):
             results[seq_index] = token
         return results
