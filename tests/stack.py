@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ class Stack:
     address: str
     scheduler_address: str
     output: list[str] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)  # service name -> host:port
     _reader: threading.Thread | None = None
 
     @classmethod
@@ -78,6 +80,9 @@ class Stack:
             for line in process.stdout:
                 stack.output.append(line)
                 if "fastserve ready" in line:
+                    stack.addresses = dict(re.findall(r"(\w+) (\d+\.\d+\.\d+\.\d+:\d+)", line))
+                    stack.addresses.pop("gRPC", None)
+                    stack.addresses["frontend"] = stack.address
                     ready.set()
 
         stack._reader = threading.Thread(target=read, daemon=True)

@@ -64,7 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._executor.reset()
             elif kind in ("swap_out", "swap_in"):
                 raise CommandError(f"{kind}: not supported by this worker yet")
-        except CommandError as exc:
+        except (CommandError, ValueError) as exc:  # a malformed command, named by field
             result.error = str(exc)
         except Exception as exc:  # never let one bad command kill the stream
             log.exception("command %d failed", command.command_id)

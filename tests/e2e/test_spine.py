@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,3 +227,87 @@ def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
     assert any("worker exited" in line for line in stack.output), "".join(stack.output[-20:])
     time.sleep(0.5)
     assert not [pid for pid in children if pid_alive(pid)]
+
+
+def test_every_service_serves_health_and_reflection(stack):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    expected = {
+        "frontend": "fastserve.v1.Generation",
+        "scheduler": "fastserve.scheduler.v1.Scheduler",
+        "worker": "fastserve.worker.v1.Worker",
+        "kvstore": "fastserve.kvstore.v1.KVStore",
+    }
+    assert set(stack.addresses) == set(expected)
+    for name, address in stack.addresses.items():
+        assert is_serving(address), name
+        with grpc.insecure_channel(address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        services = {s.name for s in reply.list_services_response.service}
+        assert expected[name] in services and "grpc.health.v1.Health" in services, name
+
+
+def test_scheduler_rejects_a_malformed_submit_and_keeps_serving(stack):
+    from fastserve.scheduler.v1 import scheduler_pb2 as spb
+    from fastserve.scheduler.v1 import scheduler_pb2_grpc
+
+    bad = spb.Submit(job_id="bad", prompt_token_ids=[], max_tokens=4)
+    good = spb.Submit(
+        job_id="good", prompt_token_ids=[1, 2, 3], max_tokens=2, sampling=spb.SamplingParams()
+    )
+    done = threading.Event()
+
+    def requests():
+        yield spb.FrontendMessage(submits=[bad, good])
+        done.wait(30)  # ending the stream would cancel this "frontend's" jobs
+
+    with grpc.insecure_channel(stack.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        call = stub.Connect(requests(), timeout=30)
+        events = {}
+        for message in call:
+            for event in message.events:
+                events.setdefault(event.job_id, []).append(event)
+            if any(e.kind == spb.EVENT_KIND_FINISHED for e in events.get("good", [])):
+                done.set()
+                call.cancel()
+                break
+    (rejected,) = events["bad"]
+    assert rejected.kind == spb.EVENT_KIND_REJECTED
+    assert rejected.error.startswith("prompt_token_ids")
+    finished = events["good"][-1]
+    assert finished.finish_reason == spb.FINISH_REASON_LENGTH
+
+
+def test_worker_refuses_a_bad_command_by_field_and_keeps_its_stream(stack):
+    from fastserve.worker.v1 import worker_pb2 as wpb
+    from fastserve.worker.v1 import worker_pb2_grpc
+
+    info_blocks = None
+    with grpc.insecure_channel(stack.addresses["worker"]) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        info_blocks = stub.Info(wpb.InfoRequest(), timeout=5).num_blocks
+        # A second stream beside the scheduler's: job ids that the scheduler never uses.
+        commands = [
+            wpb.Command(
+                command_id=1,
+                step=wpb.Step(
+                    seqs=[wpb.SeqInput(job_id="x", token_ids=[5], block_ids=[info_blocks + 7])]
+                ),
+            ),
+            wpb.Command(
+                command_id=2,
+                step=wpb.Step(
+                    seqs=[wpb.SeqInput(job_id="x", token_ids=[5, 6], block_ids=[], sample=True)]
+                ),
+            ),
+            wpb.Command(command_id=3, free=wpb.Free(job_ids=["x"])),
+        ]
+        results = list(stub.Run(iter(commands), timeout=30))
+    assert [r.command_id for r in results] == [1, 2, 3]
+    assert "block_ids" in results[0].error and "out of range" in results[0].error
+    assert "block_ids" in results[1].error
+    assert results[2].error == ""
+    assert is_serving(stack.addresses["worker"])
