@@ -23,6 +23,7 @@ from services.common.flags import add_flag
 from services.common.health import is_serving
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
+from services.scheduler.policy_flags import add_policy_arguments, policy_argv
 
 log = logging.getLogger("launcher")
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--scheduler-port", type=int, default=0, help="0 picks a free port")
     add_flag(parser, "--worker-port", type=int, default=0, help="0 picks a free port")
     add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
-    add_flag(parser, "--policy", default="fcfs", help="scheduling policy")
+    add_policy_arguments(parser)
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
     add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
@@ -92,7 +93,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
             [
                 "scheduler", "--port", str(sched_port),
                 "--worker-address", f"{local}:{worker_port}",
-                "--kvstore-address", f"{local}:{kv_port}", "--policy", args.policy,
+                "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
                 "--max-batch-size", str(args.max_batch_size),
                 "--max-batched-tokens", str(args.max_batched_tokens), *level,
             ],

@@ -8,6 +8,7 @@ loop owns all job state without locks (STYLE 6).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -104,6 +105,16 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            # A bug in the loop must not leave a scheduler that answers health checks but
+            # never runs an iteration: die loudly, so the supervisor (launcher, Kubernetes)
+            # sees it and restarts or stops the stack.
+            log.critical("engine loop crashed; exiting", exc_info=True)
+            os._exit(70)
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox(block=not self._core.has_work())
             started = time.perf_counter()

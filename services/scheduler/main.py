@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.flags import add_flag
@@ -11,8 +12,10 @@ from services.common.grpc_server import bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.scheduler.core import SchedulerConfig, SchedulerCore
-from services.scheduler.core.policy import POLICIES
+from services.scheduler.core.policy import make_policy
 from services.scheduler.engine import Engine
+from services.scheduler.policy_flags import add_policy_arguments, policy_options
+from services.scheduler.profiler import load_or_measure
 from services.scheduler.server import SERVICE_NAME, SchedulerServicer
 from services.scheduler.worker_link import WorkerLink
 
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--port", type=int, default=50052, help="gRPC port (0 picks a free one)")
     add_flag(parser, "--worker-address", default="127.0.0.1:50061", help="worker stage 0")
     add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
-    add_flag(parser, "--policy", default="fcfs", choices=sorted(POLICIES), help="queue policy")
+    add_policy_arguments(parser)
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
     add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         info.num_blocks,
         info.block_size,
     )
+    options = policy_options(args)
+    backfill = options.pop("backfill", "on").lower() not in ("off", "false", "0", "no")
     config = SchedulerConfig(
         num_blocks=info.num_blocks,
         block_size=info.block_size,
@@ -53,8 +58,28 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
         policy=args.policy,
+        backfill=backfill,
     )
-    engine = Engine(SchedulerCore(config), worker)
+    worker.open()
+    profile = load_or_measure(
+        worker,
+        info,
+        max_batch_size=config.max_batch_size,
+        max_batched_tokens=config.max_batched_tokens,
+        cache_dir=Path(args.profile_dir) if args.profile_dir else None,
+    )
+    try:
+        policy = make_policy(
+            args.policy,
+            options,
+            profile,
+            max_model_len=config.max_model_len,
+            max_batch_size=config.max_batch_size,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"scheduler: {exc}") from exc
+    log.info("policy %s: %s", args.policy, getattr(policy, "options", ""))
+    engine = Engine(SchedulerCore(config, policy), worker)
     engine.start()
     server, health = build_server([SERVICE_NAME])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(

@@ -30,6 +30,7 @@ class WorkerInfo:
     max_model_len: int
     device: str
     dtype: str
+    vocab_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class WorkerLink:
                     max_model_len=reply.max_model_len,
                     device=reply.device,
                     dtype=reply.dtype,
+                    vocab_size=reply.vocab_size,
                 )
             except grpc.RpcError as exc:
                 if time.monotonic() > deadline:

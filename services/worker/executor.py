@@ -45,6 +45,8 @@ class Executor:
         self.runner.reset()
 
     def step(self, seqs: Sequence[SeqChunk]) -> StepOutput:
+        if not seqs:
+            return StepOutput(tokens=[], forward_s=0.0)
         self._claim(seqs)
         started = time.perf_counter()
         sampled = self.runner.step(seqs)

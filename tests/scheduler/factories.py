@@ -34,9 +34,14 @@ def fake_model(tokens: list[int]) -> int:
     return 3 + (sum((k + 1) * t for k, t in enumerate(tokens)) % 97)
 
 
-def run_iteration(core: SchedulerCore, model=fake_model) -> tuple[Decision, list[Event]]:
-    """One iteration with a model that sees exactly the tokens the decision says are cached."""
+def run_iteration(
+    core: SchedulerCore, model=fake_model, between=None
+) -> tuple[Decision, list[Event]]:
+    """One iteration with a model that sees exactly the tokens the decision says are cached;
+    `between` runs after the decision and before the update (e.g. to advance a clock)."""
     decision = core.schedule()
+    if between is not None:
+        between()
     sampled = {}
     for chunk in decision.chunks:
         if chunk.sample:

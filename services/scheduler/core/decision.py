@@ -28,6 +28,9 @@ class Decision:
     chunks: list[ScheduledChunk]  # the batch, in priority order
     free_job_ids: list[str]  # jobs whose device blocks workers release before running the batch
     events: list[Event] = field(default_factory=list)  # preempted / resumed, known at decision
+    # Jobs passed over because they could not get KV blocks even after evicting every job
+    # behind them; only these may be overtaken by lower-priority jobs (backfill).
+    blocked_job_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -35,6 +35,9 @@ class SchedulerConfig:
     max_batch_size: int = 16  # jobs per iteration (the paper caps it at 16)
     max_batched_tokens: int = 2048  # tokens per iteration (prefill chunks + decodes)
     policy: str = "fcfs"
+    # A job that cannot get KV blocks is skipped and lower-priority jobs fill the batch
+    # (backfill); False stops batch formation at it, as the paper's code does.
+    backfill: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_model_len", "max_batch_size"):
@@ -66,7 +69,9 @@ class SchedulerCore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy or make_policy(
+            config.policy, max_model_len=config.max_model_len, max_batch_size=config.max_batch_size
+        )
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self._clock = clock
         self._jobs: dict[str, Job] = {}
@@ -145,6 +150,7 @@ class SchedulerCore:
         order = self.policy.order(now)
         rank = {job.job_id: i for i, job in enumerate(order)}
         chunks: list[ScheduledChunk] = []
+        blocked: list[str] = []
         scheduled: set[str] = set()
         for job in order:
             if len(chunks) == self.config.max_batch_size or budget == 0:
@@ -153,7 +159,10 @@ class SchedulerCore:
             if num_new == 0:
                 continue
             if not self._make_room(job, num_new, order, rank, scheduled):
-                continue  # jobs behind it that need no new block may still run
+                blocked.append(job.job_id)
+                if self.config.backfill:
+                    continue  # backfill: jobs behind it may still fit
+                break
             self.blocks.allocate(job, num_new)
             start = job.num_computed_tokens
             chunks.append(
@@ -174,6 +183,7 @@ class SchedulerCore:
             chunks=chunks,
             free_job_ids=self._pending_free,
             events=self._transition_events([chunk.job_id for chunk in chunks]),
+            blocked_job_ids=blocked,
         )
         self._pending_free = []
         self._running_ids = [chunk.job_id for chunk in chunks]
@@ -184,12 +194,18 @@ class SchedulerCore:
         now = self._clock()
         elapsed = now - self._scheduled_at
         events: list[Event] = []
+        ran = [
+            (job, len(chunk.token_ids))
+            for chunk in decision.chunks
+            if (job := self._jobs.get(chunk.job_id)) is not None
+        ]
+        if ran:
+            self.policy.on_iteration(ran, elapsed, now)
         for chunk in decision.chunks:
             job = self._jobs.get(chunk.job_id)
             if job is None or job.num_computed_tokens != chunk.start_pos:
                 continue  # cancelled or recomputed meanwhile
             job.num_computed_tokens += len(chunk.token_ids)
-            self.policy.charge(job, elapsed, now)
             if not chunk.sample:
                 continue
             token = sampled.get(job.job_id)
