@@ -189,7 +189,12 @@ class ModelRunner:
         decode_tables = decode_positions = None
         if decodes:
             all_decode = len(decodes) == len(seqs)
-            decode_rows = slice(0, len(seqs)) if all_decode else self._to_device(decodes)
+            # Rows, not seq indices: a decode placed after a prefill chunk starts further down.
+            decode_rows = (
+                slice(0, len(seqs))
+                if all_decode
+                else self._to_device([row_starts[i] for i in decodes])
+            )
             num_cols = max(len(tables[i]) for i in decodes)
             decode_tables = padded[decodes, :num_cols].to(self.device)
             decode_positions = self._to_device([seqs[i].start_pos for i in decodes])
