@@ -1,0 +1,73 @@
+"""The start-up profiler against a real worker process, and its disk cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from services.scheduler import profiler
+from services.scheduler.worker_link import WorkerLink
+from tests.stack import ROOT, free_port
+
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "worker", "--model", str(tiny_model_dir),
+         "--port", str(port), "--num-blocks", "128", "--log-level", "warning"],
+        cwd=ROOT,
+    )  # fmt: skip
+    link = WorkerLink(f"127.0.0.1:{port}")
+    try:
+        info = link.wait_for_info(120)
+        link.open()
+        yield link, info
+    finally:
+        link.close()
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_profile_is_measured_on_the_worker_then_reused_from_disk(worker, tmp_path, monkeypatch):
+    link, info = worker
+    profile = profiler.load_or_measure(
+        link, info, max_batch_size=8, max_batched_tokens=2048, cache_dir=tmp_path
+    )
+    lengths = [n for n, _ in profile.prefill_s]
+    assert lengths[0] == 1 and lengths[-1] == 256  # up to the context (512) the pool allows
+    assert [b for b, _ in profile.decode_s] == [1, 2, 4, 8]
+    # Longer prompts take longer (allowing noise between neighbours, not across the range).
+    assert profile.prefill_time(256) > profile.prefill_time(1)
+    assert all(t > 0 for _, t in profile.prefill_s + profile.decode_s)
+    (cached,) = tmp_path.glob("*.json")
+    data = json.loads(cached.read_text())
+    assert data["key"]["model"] == info.model_name and data["key"]["max_batch_size"] == 8
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("the cached profile should have been reused")
+
+    monkeypatch.setattr(profiler, "measure", must_not_measure)
+    again = profiler.load_or_measure(
+        link, info, max_batch_size=8, max_batched_tokens=2048, cache_dir=tmp_path
+    )
+    assert again == profile
+    # A different stage layout or batch cap is a different key: measured anew.
+    with pytest.raises(AssertionError, match="reused"):
+        profiler.load_or_measure(
+            link, info, max_batch_size=4, max_batched_tokens=2048, cache_dir=tmp_path
+        )
+
+
+def test_profiling_leaves_the_worker_with_no_blocks_held(worker, tmp_path):
+    from services.scheduler.core import Decision
+
+    link, info = worker
+    profiler.measure(link, info, max_batch_size=4, max_batched_tokens=512)
+    result = link.execute(Decision(iteration_id=1, chunks=[], free_job_ids=[]))
+    assert result.num_used_blocks == 0
