@@ -9,18 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from services.scheduler.core import EventKind, Job
 from services.scheduler.core.mlfq import MlfqOptions, MlfqPolicy
 from services.scheduler.core.profile import SYNTHETIC_PROFILE
 
-from .factories import make_scheduler, run_iteration
+from .factories import make_scheduler, property_settings, run_iteration
 from .test_core import outputs_of, reference_output
 
 ITERATION_S = 0.01
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = property_settings(60)
 
 
 @dataclass(frozen=True)

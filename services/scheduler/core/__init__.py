@@ -5,21 +5,31 @@ scheduler, in unit tests and in a simulator.
 """
 
 from services.scheduler.core.block_manager import BlockManager
-from services.scheduler.core.decision import Decision, Event, EventKind, ScheduledChunk
-from services.scheduler.core.job import FinishReason, Job, JobStatus, SamplingParams
+from services.scheduler.core.decision import (
+    BlockMove,
+    Decision,
+    Event,
+    EventKind,
+    ScheduledChunk,
+    SwapResult,
+)
+from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState, SamplingParams
 from services.scheduler.core.scheduler import AdmissionError, SchedulerConfig, SchedulerCore
 
 __all__ = [
     "AdmissionError",
     "BlockManager",
+    "BlockMove",
     "Decision",
     "Event",
     "EventKind",
     "FinishReason",
     "Job",
     "JobStatus",
+    "KvState",
     "SamplingParams",
     "ScheduledChunk",
     "SchedulerConfig",
     "SchedulerCore",
+    "SwapResult",
 ]

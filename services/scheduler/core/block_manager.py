@@ -44,6 +44,12 @@ class BlockManager:
             raise RuntimeError(f"job {job.job_id}: needs {num_new} blocks, {len(self._free)} free")
         job.block_ids.extend(self._free.popleft() for _ in range(num_new))
 
+    def allocate_blocks(self, job: Job, num_blocks: int) -> None:
+        """Gives a job `num_blocks` fresh blocks (to swap its KV back into)."""
+        if num_blocks > len(self._free):
+            raise RuntimeError(f"job {job.job_id}: needs {num_blocks}, {len(self._free)} free")
+        job.block_ids.extend(self._free.popleft() for _ in range(num_blocks))
+
     def free(self, job: Job) -> int:
         """Returns `job`'s blocks to the free list; returns how many."""
         num_freed = len(job.block_ids)

@@ -21,6 +21,25 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockMove:
+    """One job's blocks to move between device and kvstore."""
+
+    job_id: str
+    block_ids: list[int]  # device blocks: the source of a swap-out, the target of a swap-in
+
+
+@dataclass(frozen=True, slots=True)
+class SwapResult:
+    """A finished background swap, as the worker reports it."""
+
+    job_id: str
+    swap_in: bool  # False: a swap-out
+    ok: bool  # False: the kvstore refused or lost the blocks; the job is recomputed
+    num_bytes: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Everything the workers must do in one iteration, and nothing else."""
 
@@ -28,13 +47,18 @@ class Decision:
     chunks: list[ScheduledChunk]  # the batch, in priority order
     free_job_ids: list[str]  # jobs whose device blocks workers release before running the batch
     events: list[Event] = field(default_factory=list)  # preempted / resumed, known at decision
-    # Jobs passed over because they could not get KV blocks even after evicting every job
-    # behind them; only these may be overtaken by lower-priority jobs (backfill).
+    # Jobs passed over because their KV could not be on the device this iteration: no blocks
+    # even after evicting every job behind them, or a swap not finished. Only these may be
+    # overtaken by lower-priority jobs (backfill).
     blocked_job_ids: list[str] = field(default_factory=list)
+    # Copied off the device before the batch runs (the batch may reuse the blocks).
+    swap_out: list[BlockMove] = field(default_factory=list)
+    # Started in the background; the jobs run once the worker reports them done.
+    swap_in: list[BlockMove] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks and not self.free_job_ids
+        return not (self.chunks or self.free_job_ids or self.swap_out or self.swap_in)
 
     @property
     def num_tokens(self) -> int:

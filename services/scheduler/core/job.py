@@ -13,6 +13,20 @@ class JobStatus(Enum):
     FINISHED = "finished"
 
 
+class KvState(Enum):
+    """Where a job's KV cache is."""
+
+    NONE = "none"  # nowhere: the job (re)computes from its token ids
+    DEVICE = "device"  # in its device blocks
+    SWAPPING_OUT = "swapping_out"  # copied off the device, on its way to the kvstore
+    HOST = "host"  # in the kvstore
+    SWAPPING_IN = "swapping_in"  # on its way back into device blocks allocated for it
+
+    @property
+    def is_runnable(self) -> bool:
+        return self in (KvState.NONE, KvState.DEVICE)
+
+
 class FinishReason(Enum):
     STOP = "stop"  # a stop token was sampled
     LENGTH = "length"  # max_tokens reached, or the context is full
@@ -51,7 +65,10 @@ class Job:
     block_ids: list[int] = field(default_factory=list)  # block table, identical on every stage
     status: JobStatus = JobStatus.WAITING
     finish_reason: FinishReason | None = None
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # times its KV was dropped and recomputed
+    kv_state: KvState = KvState.NONE
+    num_host_blocks: int = 0  # blocks held in the kvstore while swapped out
+    num_swaps: int = 0  # swap-outs so far
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

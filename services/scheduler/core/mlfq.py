@@ -91,8 +91,11 @@ class MlfqOptions:
 
 
 class MlfqPolicy:
-    def __init__(self, options: MlfqOptions, profile: PerformanceProfile, name: str) -> None:
+    def __init__(
+        self, options: MlfqOptions, profile: PerformanceProfile, name: str, batch_size: int = 16
+    ) -> None:
         self.name = name
+        self.batch_size = batch_size
         self.options = options
         self.quanta = options.quanta
         self._profile = profile
@@ -143,6 +146,36 @@ class MlfqPolicy:
             self._waiting_since[job.job_id] = now
             self._attained[job.job_id] += service
             self._demote_if_due(job)
+
+    def enst(self, jobs: Sequence[Job], now: float) -> dict[str, float]:
+        """Estimated next scheduled time of each job (paper, section 4.3):
+        ENST(i) = min(T_promote(i), T_execute(i)). T_promote is the time left until starvation
+        promotion. T_execute is the service that jobs in higher queues will receive before they
+        sink to i's queue, divided by the batch size: job j at level l still has its allowance
+        left at l, then q_{l+1} .. q_{L-1}. (The paper writes the inner sum as running over
+        level(i) < k <= level(j), which is empty for higher-priority j; we sum the quanta
+        between them, which is what the text describes.)"""
+        num_levels = len(self.quanta)
+        count = [0] * num_levels
+        left = [0.0] * num_levels  # allowance left at their current level, summed per level
+        for job in jobs:
+            level = self._level.get(job.job_id)
+            if level is not None:
+                count[level] += 1
+                left[level] += max(0.0, self._allowance[job.job_id] - self._attained[job.job_id])
+        ahead = [0.0] * num_levels  # service ahead of a job at level L
+        for target in range(num_levels):
+            for level in range(target):
+                between = sum(self.quanta[level + 1 : target])
+                ahead[target] += left[level] + count[level] * between
+        promote_after = math.inf if self.options.starvation == "off" else self.options.starvation_s
+        result = {}
+        for job in jobs:
+            level = self._level.get(job.job_id, 0)
+            t_execute = ahead[level] / self.batch_size
+            t_promote = max(0.0, promote_after - (now - self._waiting_since.get(job.job_id, now)))
+            result[job.job_id] = min(t_promote, t_execute)
+        return result
 
     # -- internals -------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ def make_policy(
             max_batch_size=max_batch_size,
             skip_join=name == "skip-join-mlfq",
         )
-        return MlfqPolicy(parsed, profile, name)
+        return MlfqPolicy(parsed, profile, name, batch_size=max_batch_size)
     if options:
         raise ValueError(f"policy {name!r} takes no options, got {sorted(options)}")
     if name == "fcfs":

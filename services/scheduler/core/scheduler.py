@@ -14,13 +14,22 @@ is lost. A job never evicts a job ahead of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from services.scheduler.core.block_manager import BlockManager, num_blocks_for
-from services.scheduler.core.decision import Decision, Event, EventKind, ScheduledChunk
-from services.scheduler.core.job import FinishReason, Job, JobStatus
+from services.scheduler.core.block_manager import num_blocks_for
+from services.scheduler.core.decision import (
+    Decision,
+    Event,
+    EventKind,
+    ScheduledChunk,
+    SwapResult,
+)
+from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState
+from services.scheduler.core.kv_planner import KV_POLICIES, SwapCostModel
+from services.scheduler.core.memory import KvMemory, Plan
 from services.scheduler.core.policy import Policy, make_policy
+from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
 
 
 class AdmissionError(ValueError):
@@ -38,6 +47,14 @@ class SchedulerConfig:
     # A job that cannot get KV blocks is skipped and lower-priority jobs fill the batch
     # (backfill); False stops batch formation at it, as the paper's code does.
     backfill: bool = True
+    # What happens to the KV of a job whose blocks are needed: "recompute" drops it (vLLM);
+    # "reactive" swaps it to the kvstore and back when a batch needs it; "proactive" also
+    # swaps out ahead of need to keep `reserve_blocks` free, and prefetches the jobs expected
+    # to run soonest (smallest ENST). Swapping needs a kvstore (swap_enabled).
+    kv_policy: str = "recompute"
+    swap_enabled: bool = False
+    reserve_blocks: int = 0  # free blocks proactive management keeps for new arrivals
+    block_bytes: int = 0  # bytes of one block on one stage (for swap costs)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_model_len", "max_batch_size"):
@@ -45,6 +62,14 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_batched_tokens < self.max_batch_size:
             raise ValueError("max_batched_tokens must be >= max_batch_size")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}")
+        if not 0 <= self.reserve_blocks < self.num_blocks:
+            raise ValueError("reserve_blocks must be in [0, num_blocks)")
+
+    @property
+    def swaps(self) -> bool:
+        return self.swap_enabled and self.kv_policy != "recompute"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +84,12 @@ class SchedulerStats:
     num_cancelled_jobs: int
     num_rejected_jobs: int
     num_recomputed_jobs: int
+    num_swapped_out_jobs: int  # swap-outs started since start
+    num_swapped_in_jobs: int  # swap-ins completed since start
+    num_swap_failures: int  # swaps the kvstore refused or lost (jobs recomputed)
+    num_swaps_in_flight: int
+    num_host_jobs: int  # jobs whose KV is in the kvstore now
+    swap_bytes_per_s: float  # current bandwidth estimate
 
 
 class SchedulerCore:
@@ -67,23 +98,25 @@ class SchedulerCore:
         config: SchedulerConfig,
         policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        profile: PerformanceProfile | None = None,
     ) -> None:
         self.config = config
         self.policy = policy or make_policy(
             config.policy, max_model_len=config.max_model_len, max_batch_size=config.max_batch_size
         )
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.memory = KvMemory(
+            config, SwapCostModel(profile or SYNTHETIC_PROFILE, config.block_bytes)
+        )
+        self.blocks = self.memory.blocks
         self._clock = clock
         self._jobs: dict[str, Job] = {}
         self._running_ids: list[str] = []  # the last decision's batch
-        self._pending_free: list[str] = []  # jobs whose worker blocks must be released
         self._scheduled_at = 0.0  # when the last decision was made
         self._num_iterations = 0
         self._num_submitted = 0
         self._num_finished = 0
         self._num_cancelled = 0
         self._num_rejected = 0
-        self._num_recomputed = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -133,65 +166,74 @@ class SchedulerCore:
         return events
 
     def recompute_all(self) -> None:
-        """Forgets every job's device KV (a worker lost it); jobs re-prefill when they run."""
-        for job in self._jobs.values():
-            if job.block_ids:
-                self._preempt_by_recompute(job)
-        self._pending_free.clear()
+        """Forgets every job's device KV (a worker lost it); jobs re-prefill when they run.
+        KV already in the kvstore stays there and is swapped back in as usual."""
+        self.memory.recompute_all(list(self._jobs.values()))
 
     # -- one iteration ---------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._jobs) or bool(self._pending_free)
+        return bool(self._jobs) or bool(self.memory.pending_free)
+
+    @property
+    def num_swaps_in_flight(self) -> int:
+        return len(self.memory.swaps_in_flight)
 
     def schedule(self) -> Decision:
         now = self._scheduled_at = self._clock()
-        budget = self.config.max_batched_tokens
-        order = self.policy.order(now)
-        rank = {job.job_id: i for i, job in enumerate(order)}
-        chunks: list[ScheduledChunk] = []
-        blocked: list[str] = []
-        scheduled: set[str] = set()
-        for job in order:
-            if len(chunks) == self.config.max_batch_size or budget == 0:
+        plan = Plan(
+            self.policy.order(now),
+            budget=self.config.max_batched_tokens,
+            policy=self.policy,
+            now=now,
+        )
+        memory = self.memory
+        for job in plan.order:
+            if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
                 break
-            num_new = min(job.num_uncomputed_tokens, budget)
-            if num_new == 0:
-                continue
-            if not self._make_room(job, num_new, order, rank, scheduled):
-                blocked.append(job.job_id)
+            if not job.kv_state.is_runnable:
+                if job.kv_state is KvState.HOST and self.config.swaps:
+                    memory.swap_in_if_room(job, plan)  # needed now: bring it back
+                plan.blocked.append(job.job_id)
+                plan.short_of_blocks |= job.kv_state is KvState.HOST
+                if self.config.backfill:
+                    continue
+                break
+            num_new = min(job.num_uncomputed_tokens, plan.budget)
+            if not memory.make_room(job, self.blocks.num_new_blocks(job, num_new), plan):
+                plan.blocked.append(job.job_id)
+                plan.short_of_blocks = True
                 if self.config.backfill:
                     continue  # backfill: jobs behind it may still fit
                 break
-            self.blocks.allocate(job, num_new)
-            start = job.num_computed_tokens
-            chunks.append(
-                ScheduledChunk(
-                    job_id=job.job_id,
-                    token_ids=job.token_slice(start, start + num_new),
-                    start_pos=start,
-                    block_ids=list(job.block_ids),
-                    sample=start + num_new == job.num_tokens,
-                    sampling=job.sampling,
-                )
-            )
-            scheduled.add(job.job_id)
-            budget -= num_new
+            self._add_chunk(job, num_new, plan)
+        if self.config.swaps and self.config.kv_policy == "proactive":
+            memory.keep_reserve(plan)
+            memory.prefetch(plan)
         self._num_iterations += 1
         decision = Decision(
             iteration_id=self._num_iterations,
-            chunks=chunks,
-            free_job_ids=self._pending_free,
-            events=self._transition_events([chunk.job_id for chunk in chunks]),
-            blocked_job_ids=blocked,
+            chunks=plan.chunks,
+            free_job_ids=memory.take_pending_free(),
+            events=self._transition_events([chunk.job_id for chunk in plan.chunks]),
+            blocked_job_ids=plan.blocked,
+            swap_out=plan.swap_out,
+            swap_in=plan.swap_in,
         )
-        self._pending_free = []
-        self._running_ids = [chunk.job_id for chunk in chunks]
+        self._running_ids = [chunk.job_id for chunk in plan.chunks]
         return decision
 
-    def update(self, decision: Decision, sampled: Mapping[str, int]) -> list[Event]:
-        """Applies an iteration's results: `sampled` maps job id to its new token."""
+    def update(
+        self,
+        decision: Decision,
+        sampled: Mapping[str, int],
+        swaps_done: Sequence[SwapResult] = (),
+    ) -> list[Event]:
+        """Applies an iteration's results: `sampled` maps job id to its new token;
+        `swaps_done` are background swaps the worker finished meanwhile."""
         now = self._clock()
+        for result in swaps_done:
+            self.memory.apply_swap_result(result, self._jobs.get(result.job_id))
         elapsed = now - self._scheduled_at
         events: list[Event] = []
         ran = [
@@ -247,37 +289,33 @@ class SchedulerCore:
             num_finished_jobs=self._num_finished,
             num_cancelled_jobs=self._num_cancelled,
             num_rejected_jobs=self._num_rejected,
-            num_recomputed_jobs=self._num_recomputed,
+            num_recomputed_jobs=self.memory.num_recomputed,
+            num_swapped_out_jobs=self.memory.num_swapped_out,
+            num_swapped_in_jobs=self.memory.num_swapped_in,
+            num_swap_failures=self.memory.num_swap_failures,
+            num_swaps_in_flight=len(self.memory.swaps_in_flight),
+            num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
+            swap_bytes_per_s=self.memory.costs.bytes_per_s,
         )
 
     # -- internals -------------------------------------------------------------------------
 
-    def _make_room(
-        self, job: Job, num_new: int, order: list[Job], rank: dict[str, int], scheduled: set[str]
-    ) -> bool:
-        """Frees blocks of lower-priority jobs (recompute) until `job` fits; False if it can't."""
-        while not self.blocks.can_allocate(job, num_new):
-            victim = next(
-                (
-                    other
-                    for other in reversed(order)
-                    if rank[other.job_id] > rank[job.job_id]
-                    and other.block_ids
-                    and other.job_id not in scheduled
-                ),
-                None,
+    def _add_chunk(self, job: Job, num_new: int, plan: Plan) -> None:
+        self.blocks.allocate(job, num_new)
+        job.kv_state = KvState.DEVICE
+        start = job.num_computed_tokens
+        plan.chunks.append(
+            ScheduledChunk(
+                job_id=job.job_id,
+                token_ids=job.token_slice(start, start + num_new),
+                start_pos=start,
+                block_ids=list(job.block_ids),
+                sample=start + num_new == job.num_tokens,
+                sampling=job.sampling,
             )
-            if victim is None:
-                return False
-            self._preempt_by_recompute(victim)
-        return True
-
-    def _preempt_by_recompute(self, job: Job) -> None:
-        self.blocks.free(job)
-        job.num_computed_tokens = 0
-        job.num_preemptions += 1
-        self._num_recomputed += 1
-        self._pending_free.append(job.job_id)
+        )
+        plan.scheduled.add(job.job_id)
+        plan.budget -= num_new
 
     def _transition_events(self, scheduled_ids: list[str]) -> list[Event]:
         scheduled = set(scheduled_ids)
@@ -304,8 +342,6 @@ class SchedulerCore:
     def _finish(self, job: Job, reason: FinishReason) -> None:
         job.status = JobStatus.FINISHED
         job.finish_reason = reason
-        if job.block_ids:
-            self.blocks.free(job)
-            self._pending_free.append(job.job_id)
+        self.memory.release(job)
         self.policy.remove(job)
         del self._jobs[job.job_id]

@@ -1,0 +1,216 @@
+"""Where each job's KV lives, and what to do when device blocks run short (DESIGN.md s. 6).
+
+KvMemory owns the device block pool's accounting and every job's KV state. Under pressure it
+evicts jobs behind the one that needs room: with swapping on, the victim expected to run last
+(largest ENST) first, its KV swapped to the kvstore when that is cheaper than recomputing it;
+otherwise the lowest-priority job first, recomputed later (vLLM's behaviour). Proactively, it
+keeps a reserve of free blocks for arrivals and prefetches the swapped-out jobs expected to run
+soonest. Swaps run in the background on the worker; a job runs again only once its swap-in is
+reported done, so a step never waits for a swap. A failed swap (kvstore full, gone, or missing
+the blocks) makes the job recompute from its token ids: nothing is lost but time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from services.scheduler.core.block_manager import BlockManager
+from services.scheduler.core.decision import BlockMove, ScheduledChunk, SwapResult
+from services.scheduler.core.job import Job, KvState
+from services.scheduler.core.kv_planner import SwapCostModel
+
+if TYPE_CHECKING:
+    from services.scheduler.core.policy import Policy
+    from services.scheduler.core.scheduler import SchedulerConfig
+
+
+@dataclass(slots=True)
+class Plan:
+    """The decision being built in one schedule() call."""
+
+    order: list[Job]  # the policy's order this iteration
+    budget: int = 0  # tokens left
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    scheduled: set[str] = field(default_factory=set)
+    blocked: list[str] = field(default_factory=list)
+    swap_out: list[BlockMove] = field(default_factory=list)
+    swap_in: list[BlockMove] = field(default_factory=list)
+    swapping_in: set[str] = field(default_factory=set)
+    # A job could not get blocks this iteration: blocks freed from now on are its by right,
+    # so no job behind it may swap in (else swap-ins of lower jobs can starve it forever).
+    short_of_blocks: bool = False
+    policy: Policy | None = None  # for ENST
+    now: float = 0.0
+    _ranks: dict[str, int] | None = None
+    _enst: dict[str, float] | None = None
+
+    def rank(self, job: Job) -> int:
+        if self._ranks is None:
+            self._ranks = {other.job_id: i for i, other in enumerate(self.order)}
+        return self._ranks[job.job_id]
+
+    def enst(self, job: Job) -> float:
+        """Estimated time until the job is next scheduled; by rank when the policy has no
+        better estimate (only the order of these values is used)."""
+        if self._enst is None:
+            estimate = getattr(self.policy, "enst", None)
+            self._enst = (
+                estimate(self.order, self.now)
+                if estimate is not None
+                else {other.job_id: float(i) for i, other in enumerate(self.order)}
+            )
+        return self._enst[job.job_id]
+
+
+class KvMemory:
+    def __init__(self, config: SchedulerConfig, costs: SwapCostModel) -> None:
+        self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.costs = costs
+        self.pending_free: list[str] = []  # jobs whose worker blocks / kvstore copy to release
+        self.swaps_in_flight: set[str] = set()
+        self.num_recomputed = 0
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
+        self.num_swap_failures = 0
+
+    def take_pending_free(self) -> list[str]:
+        pending, self.pending_free = self.pending_free, []
+        return pending
+
+    def release(self, job: Job) -> None:
+        """A finished or cancelled job: its device blocks and any kvstore copy go."""
+        if job.block_ids or job.kv_state is not KvState.NONE:
+            self.blocks.free(job)
+            self.pending_free.append(job.job_id)
+        self.swaps_in_flight.discard(job.job_id)
+
+    def recompute_all(self, jobs: list[Job]) -> None:
+        """The worker lost its device KV; KV already in the kvstore stays usable."""
+        for job in jobs:
+            if job.kv_state not in (KvState.HOST, KvState.NONE):
+                self.blocks.free(job)
+                self.drop_kv(job)
+        self.swaps_in_flight.clear()
+        self.pending_free.clear()
+
+    def make_room(self, job: Job, num_blocks: int, plan: Plan) -> bool:
+        """Evicts jobs behind `job` in the order until `num_blocks` are free; False if it
+        can't. With swapping, the victim expected to run last (largest ENST) goes first and
+        its KV is swapped out when that is cheaper than recomputing it; otherwise the lowest
+        priority goes first and is recomputed later (vLLM's behaviour)."""
+        if num_blocks <= self.blocks.num_free_blocks:
+            return True
+        rank = plan.rank(job)
+        victims = [
+            other
+            for other in plan.order[rank + 1 :]
+            if other.kv_state is KvState.DEVICE
+            and other.block_ids
+            and other.job_id not in plan.scheduled
+        ]
+        if self.blocks.num_free_blocks + sum(len(v.block_ids) for v in victims) < num_blocks:
+            return False  # evicting everyone behind it would not be enough: evict no one
+        if self.config.swaps:
+            victims.sort(key=lambda other: plan.enst(other))
+        for victim in reversed(victims):
+            if num_blocks <= self.blocks.num_free_blocks:
+                break
+            self.evict(victim, plan)
+        return num_blocks <= self.blocks.num_free_blocks
+
+    def evict(self, job: Job, plan: Plan) -> None:
+        if self.config.swaps and self.costs.prefer_swap(
+            len(job.block_ids), job.num_computed_tokens
+        ):
+            plan.swap_out.append(BlockMove(job.job_id, list(job.block_ids)))
+            job.num_host_blocks = len(job.block_ids)
+            self.blocks.free(job)
+            job.kv_state = KvState.SWAPPING_OUT
+            job.num_swaps += 1
+            self.num_swapped_out += 1
+            self.swaps_in_flight.add(job.job_id)
+        else:
+            self.preempt_by_recompute(job)
+
+    def swap_in_if_room(self, job: Job, plan: Plan) -> bool:
+        if plan.short_of_blocks or job.job_id in plan.swapping_in:
+            return False
+        if not self.make_room(job, job.num_host_blocks, plan):
+            return False
+        self.blocks.allocate_blocks(job, job.num_host_blocks)
+        job.kv_state = KvState.SWAPPING_IN
+        plan.swap_in.append(BlockMove(job.job_id, list(job.block_ids)))
+        plan.swapping_in.add(job.job_id)
+        self.swaps_in_flight.add(job.job_id)
+        return True
+
+    def keep_reserve(self, plan: Plan) -> None:
+        """Proactive swap-out: keep `reserve_blocks` free for arrivals, taking blocks from the
+        resident jobs that are expected to wait longest."""
+        if self.blocks.num_free_blocks >= self.config.reserve_blocks:
+            return
+        # The jobs at the head of the order run next: evicting them would only thrash.
+        protected = {job.job_id for job in plan.order[: self.config.max_batch_size]}
+        idle = [
+            job
+            for job in plan.order
+            if job.kv_state is KvState.DEVICE
+            and job.block_ids
+            and job.job_id not in plan.scheduled
+            and job.job_id not in protected
+        ]
+        idle.sort(key=lambda job: plan.enst(job), reverse=True)
+        for job in idle:
+            if self.blocks.num_free_blocks >= self.config.reserve_blocks:
+                break
+            self.evict(job, plan)
+
+    def prefetch(self, plan: Plan) -> None:
+        """Proactive swap-in: bring back the swapped-out jobs expected to run soonest, while
+        the free blocks stay above the reserve."""
+        if plan.short_of_blocks:
+            return
+        waiting = [job for job in plan.order if job.kv_state is KvState.HOST]
+        waiting.sort(key=lambda job: plan.enst(job))
+        for job in waiting:
+            if self.blocks.num_free_blocks - job.num_host_blocks < self.config.reserve_blocks:
+                break
+            self.blocks.allocate_blocks(job, job.num_host_blocks)
+            job.kv_state = KvState.SWAPPING_IN
+            plan.swap_in.append(BlockMove(job.job_id, list(job.block_ids)))
+            self.swaps_in_flight.add(job.job_id)
+
+    def apply_swap_result(self, result: SwapResult, job: Job | None) -> None:
+        self.swaps_in_flight.discard(result.job_id)
+        if result.ok:
+            self.costs.observe(result.num_bytes, result.duration_s)
+        if job is None:
+            return  # finished or cancelled meanwhile; the worker already dropped its copy
+        expected = KvState.SWAPPING_IN if result.swap_in else KvState.SWAPPING_OUT
+        if job.kv_state is not expected:
+            return
+        if not result.ok:  # the kvstore is full, gone, or lost the blocks: recompute
+            self.num_swap_failures += 1
+            if result.swap_in:
+                self.blocks.free(job)
+                self.pending_free.append(job.job_id)
+            self.drop_kv(job)
+        elif result.swap_in:
+            job.kv_state = KvState.DEVICE
+            self.num_swapped_in += 1
+        else:
+            job.kv_state = KvState.HOST
+
+    def preempt_by_recompute(self, job: Job) -> None:
+        self.blocks.free(job)
+        self.pending_free.append(job.job_id)
+        self.drop_kv(job)
+
+    def drop_kv(self, job: Job) -> None:
+        job.num_computed_tokens = 0
+        job.num_host_blocks = 0
+        job.kv_state = KvState.NONE
+        job.num_preemptions += 1
+        self.num_recomputed += 1
