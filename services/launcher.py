@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.common.flags import add_flag
 from services.common.health import is_serving
@@ -28,6 +28,7 @@ from services.scheduler.policy_flags import add_policy_arguments, policy_argv
 log = logging.getLogger("launcher")
 
 STOP_GRACE_S = 8.0
+MAX_RESTARTS = 5
 _PR_SET_PDEATHSIG = 1
 
 
@@ -38,7 +39,10 @@ class Child:
     address: str
     process: subprocess.Popen | None = None
     ready: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
+    # Its state is only a cache that the others rebuild (the kvstore: swapped-out jobs are
+    # recomputed), so if it dies it is started again instead of stopping the stack.
+    restartable: bool = False
+    num_restarts: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +59,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
     add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16")
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
-    add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
+    add_flag(
+        parser,
+        "--kv-blocks",
+        "--num-blocks",
+        dest="num_blocks",
+        type=int,
+        default=0,
+        help="device KV blocks per worker, to force memory pressure (0: from --kv-bytes)",
+    )
+    add_flag(
+        parser,
+        "--kv-policy",
+        default="proactive",
+        help="KV under preemption: proactive | reactive (swap) | recompute",
+    )
+    add_flag(parser, "--reserve-blocks", type=int, default=-1, help="-1: 5%% of the pool")
+    add_flag(
+        parser,
+        "--kvstore-backend",
+        default="memory",
+        help="kvstore storage: memory, or a Redis URL redis://host:port/db",
+    )
+    add_flag(parser, "--kvstore-capacity-bytes", type=int, default=4 << 30, help="kvstore capacity")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="worker KV pool bytes")
     add_flag(parser, "--default-max-tokens", type=int, default=1024, help="when unset")
     add_flag(parser, "--startup-timeout", type=float, default=900.0, help="seconds to get ready")
@@ -77,14 +103,23 @@ def plan(args: argparse.Namespace) -> list[Child]:
     level = ["--log-level", args.log_level]
     model = ["--model", args.model]
     return [
-        Child("kvstore", ["kvstore", "--port", str(kv_port), *level], f"{local}:{kv_port}"),
+        Child(
+            "kvstore",
+            [
+                "kvstore", "--port", str(kv_port), "--backend", args.kvstore_backend,
+                "--capacity-bytes", str(args.kvstore_capacity_bytes), *level,
+            ],
+            f"{local}:{kv_port}",
+            restartable=True,
+        ),
         Child(
             "worker",
             [
                 "worker", "--port", str(worker_port), *model,
                 "--load-format", args.load_format, "--device", args.device,
                 "--dtype", args.dtype, "--block-size", str(args.block_size),
-                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes), *level,
+                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
+                "--kvstore-address", f"{local}:{kv_port}", *level,
             ],
             f"{local}:{worker_port}",
         ),
@@ -94,6 +129,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 "scheduler", "--port", str(sched_port),
                 "--worker-address", f"{local}:{worker_port}",
                 "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
+                "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--max-batch-size", str(args.max_batch_size),
                 "--max-batched-tokens", str(args.max_batched_tokens), *level,
             ],
@@ -126,14 +162,31 @@ class Supervisor:
 
     def start(self) -> None:
         for child in self.children:
-            child.process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", *child.argv],
-                preexec_fn=_die_with_parent,
-            )
-            log.info("started %s (pid %d) on %s", child.name, child.process.pid, child.address)
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *child.argv], preexec_fn=_die_with_parent
+        )
+        log.info("started %s (pid %d) on %s", child.name, child.process.pid, child.address)
 
     def dead_child(self) -> Child | None:
-        return next((c for c in self.children if c.process and c.process.poll() is not None), None)
+        """A child that exited and cannot be restarted; restartable ones are started again."""
+        for child in self.children:
+            if child.process is None or child.process.poll() is None:
+                continue
+            if child.restartable and not self._stopping and child.num_restarts < MAX_RESTARTS:
+                child.num_restarts += 1
+                print(
+                    f"fastserve: {child.name} exited with code {child.process.returncode}; "
+                    f"restarting it ({child.num_restarts}/{MAX_RESTARTS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._spawn(child)
+                continue
+            return child
+        return None
 
     def wait_ready(self, timeout_s: float) -> Child | None:
         """Waits until every child is SERVING; returns a child that died or timed out."""

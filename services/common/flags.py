@@ -17,7 +17,8 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+def add_flag(parser: argparse.ArgumentParser, flag: str, *aliases: str, **kwargs: Any) -> None:
+    """Adds `flag` (and `aliases`), defaulting to the environment variable named after it."""
     env = env_name(flag)
     raw = os.environ.get(env)
     if raw is not None:
@@ -29,4 +30,4 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
     help_text = kwargs.pop("help", "")
     default = kwargs.get("default")
     suffix = f" [env {env}" + (f"; default {default}" if default not in (None, "") else "") + "]"
-    parser.add_argument(flag, help=help_text + suffix, **kwargs)
+    parser.add_argument(flag, *aliases, help=help_text + suffix, **kwargs)

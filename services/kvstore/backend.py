@@ -1,7 +1,8 @@
 """Storage behind the kvstore service: block groups keyed by (job, stage, block), bounded in bytes.
 
 No gRPC here. `KVBackend` is what the server needs from a store; `MemoryBackend` keeps values in
-this process. A value is stored as one complete, immutable `bytes` object that replaces any
+this process. A value is stored as one complete, immutable `bytes` object (or, from the
+same-host fast path, an immutable shared-memory `Segment` the store took over) that replaces any
 previous one in a single dict assignment under the lock, so a reader gets either the old value
 or the new one, never half a write. Nothing is evicted: when the store is full a put is refused
 (`StoreFullError`) and the scheduler recomputes that job instead of swapping it.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # Bytes per element of each dtype a worker may swap out (torch's names).
 DTYPE_SIZES: dict[str, int] = {
@@ -129,6 +130,44 @@ class KVBackend(Protocol):
 
     def stats(self) -> StoreStats: ...
 
+    def close(self) -> None:
+        """Releases what the store holds outside itself (connections, shared-memory files)."""
+        ...
+
+
+class Segment(Protocol):
+    """A shared-memory file holding exactly one value, owned by the store
+    (services.kvstore.shm.ShmSegment). Immutable once the store took it over."""
+
+    @property
+    def name(self) -> str:
+        """File name inside the store's shm directory."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def read(self) -> bytes:
+        """A copy of the bytes; FileNotFoundError once released."""
+        ...
+
+    def release(self) -> None:
+        """The store no longer needs it: recycle the file or remove it; a no-op when gone."""
+        ...
+
+
+@runtime_checkable
+class SegmentBackend(KVBackend, Protocol):
+    """A backend that can keep values in shared memory as they are (zero copy)."""
+
+    def put_segment(self, key: BlockKey, meta: TensorMeta, segment: Segment) -> None:
+        """Like `put`, taking ownership of `segment` only when it returns (releasing it on
+        delete, on replacement and on `close`); on `StoreFullError` the caller keeps it."""
+        ...
+
+    def get_segment(self, key: BlockKey) -> tuple[TensorMeta, bytes | Segment] | None:
+        """Like `get`, but a value kept in shared memory comes back as its segment."""
+        ...
+
 
 class MemoryBackend:
     """Values in a dict in this process, guarded by one lock."""
@@ -140,7 +179,7 @@ class MemoryBackend:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self._lock = threading.Lock()
-        self._values: dict[BlockKey, tuple[TensorMeta, bytes]] = {}
+        self._values: dict[BlockKey, tuple[TensorMeta, bytes | Segment]] = {}
         self._keys_by_job: dict[str, set[BlockKey]] = {}
         self._used_bytes = 0
         self._num_puts = 0
@@ -157,16 +196,23 @@ class MemoryBackend:
     def put(self, key: BlockKey, meta: TensorMeta, data: bytes) -> None:
         if len(data) != meta.total_bytes:
             raise ValueError(f"got {len(data)} bytes, meta.total_bytes is {meta.total_bytes}")
-        data = bytes(data)  # NOTE: a caller's bytearray must not alias what readers see
-        with self._lock:
-            self._check_fits_locked(key, len(data))
-            self._used_bytes += len(data) - self._stored_bytes_locked(key)
-            self._values[key] = (meta, data)
-            self._keys_by_job.setdefault(key.job_id, set()).add(key)
-            self._num_puts += 1
-            self._bytes_in += len(data)
+        self._store(key, meta, bytes(data))  # NOTE: a caller's buffer must not alias readers'
+
+    def put_segment(self, key: BlockKey, meta: TensorMeta, segment: Segment) -> None:
+        if len(segment) != meta.total_bytes:
+            raise ValueError(f"got {len(segment)} bytes, meta.total_bytes is {meta.total_bytes}")
+        self._store(key, meta, segment)
 
     def get(self, key: BlockKey) -> tuple[TensorMeta, bytes] | None:
+        value = self.get_segment(key)
+        if value is None or isinstance(value[1], bytes):
+            return value  # type: ignore[return-value]
+        try:
+            return value[0], value[1].read()
+        except FileNotFoundError:
+            return None  # deleted after the lookup: as if the get came after the delete
+
+    def get_segment(self, key: BlockKey) -> tuple[TensorMeta, bytes | Segment] | None:
         with self._lock:
             self._num_gets += 1
             value = self._values.get(key)
@@ -180,15 +226,24 @@ class MemoryBackend:
         with self._lock:
             if key not in self._values:
                 return False
-            self._remove_locked(key)
-            return True
+            removed = self._remove_locked(key)
+        _release(removed)
+        return True
 
     def delete_job(self, job_id: str) -> int:
         with self._lock:
             keys = self._keys_by_job.get(job_id, set()).copy()
-            for key in keys:
-                self._remove_locked(key)
-            return len(keys)
+            removed = [self._remove_locked(key) for key in keys]
+        for payload in removed:
+            _release(payload)
+        return len(keys)
+
+    def close(self) -> None:
+        """Releases the shared-memory files of the values; the store is empty afterwards."""
+        with self._lock:
+            removed = [self._remove_locked(key) for key in list(self._values)]
+        for payload in removed:
+            _release(payload)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -215,14 +270,33 @@ class MemoryBackend:
                 f"{self.capacity_bytes} bytes in use"
             )
 
+    def _store(self, key: BlockKey, meta: TensorMeta, payload: bytes | Segment) -> None:
+        with self._lock:
+            self._check_fits_locked(key, len(payload))
+            self._used_bytes += len(payload) - self._stored_bytes_locked(key)
+            previous = self._values.get(key)
+            self._values[key] = (meta, payload)
+            self._keys_by_job.setdefault(key.job_id, set()).add(key)
+            self._num_puts += 1
+            self._bytes_in += len(payload)
+        if previous is not None:
+            _release(previous[1])
+
     def _stored_bytes_locked(self, key: BlockKey) -> int:
         value = self._values.get(key)
         return 0 if value is None else len(value[1])
 
-    def _remove_locked(self, key: BlockKey) -> None:
-        _, data = self._values.pop(key)
-        self._used_bytes -= len(data)
+    def _remove_locked(self, key: BlockKey) -> bytes | Segment:
+        _, payload = self._values.pop(key)
+        self._used_bytes -= len(payload)
         job_keys = self._keys_by_job[key.job_id]
         job_keys.discard(key)
         if not job_keys:
             del self._keys_by_job[key.job_id]
+        return payload
+
+
+def _release(payload: bytes | Segment) -> None:
+    """Frees a value's shared memory. Outside the lock: removing a large file takes a while."""
+    if not isinstance(payload, bytes):
+        payload.release()

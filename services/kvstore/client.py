@@ -1,12 +1,22 @@
 """A small synchronous client of the kvstore, speaking in the backend's dataclasses.
 
-Workers use it to swap KV blocks out and in. `put` raises `StoreFullError` when the store
-refuses for capacity (the scheduler then recomputes the job); `get` returns None when the value
-is missing. Other failures surface as `grpc.RpcError`.
+Workers use it to swap KV blocks out and in, through `put_bytes` and `get_into` / `get_bytes`:
+on the store's host these pass the bytes through a shared-memory file and only its name over
+gRPC (one copy each way, no serialisation; services.kvstore.shm); elsewhere they stream chunks
+over gRPC. `put*` raise `StoreFullError` when
+the store refuses for capacity (the scheduler then recomputes the job); `get*` return None when
+the value is missing. Other failures surface as `grpc.RpcError`.
+
+Thread-safe: one channel, and the fast path's probe result is cached under a lock, so a worker
+can call it from background copy threads.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -15,17 +25,51 @@ from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.common.grpc_server import MAX_MESSAGE_BYTES
 from services.kvstore.backend import BlockKey, StoreFullError, StoreStats, TensorMeta
 from services.kvstore.server import (
+    info_from_pb,
     key_to_pb,
     meta_from_pb,
     meta_to_pb,
     split_chunks,
     stats_from_pb,
 )
+from services.kvstore.shm import (
+    StoreInfo,
+    overwrite_or_write,
+    read_into,
+    remove,
+)
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+# Status codes after which a shm call is retried over gRPC streaming (when not forced) and the
+# fast path is probed again on the next call: the store restarted (new prefix), turned shm off,
+# or its tmpfs is full.
+_SHM_FALLBACK_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
+
+
+# Spare shm files a client keeps to fill for its next puts (see services.kvstore.shm, Recycling).
+MAX_SPARE_FILES = 8
+
+
+class ShmUnavailableError(RuntimeError):
+    """use_shm=True, but this process cannot use the store's shared-memory fast path."""
+
+
+class _FallBack(Exception):
+    """The shm path failed in a way gRPC streaming can still serve."""
 
 
 class KVStoreClient:
@@ -34,8 +78,71 @@ class KVStoreClient:
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._lock = threading.Lock()  # guards the three below
+        self._shm_info: StoreInfo | None = None  # the store's Info when shm is usable here
+        self._shm_probed = False
+        self._spares: dict[int, list[str]] = {}  # size -> paths of our spare files
 
-    def put(self, key: BlockKey, meta: TensorMeta, data: bytes) -> int:
+    def put_bytes(
+        self, key: BlockKey, meta: TensorMeta, data: Buffer, *, use_shm: bool | None = None
+    ) -> int:
+        """Stores `data` (meta.total_bytes long) under `key`; returns the bytes stored. Through
+        shared memory when the store is on this host, else gRPC streaming; `use_shm` forces one
+        way (True raises ShmUnavailableError when shm cannot be used). StoreFullError when full.
+        `data` may be reused as soon as this returns."""
+        info = self._shm_target(use_shm)
+        if info is not None:
+            try:
+                return self._put_shm(info, key, meta, data, forced=use_shm is True)
+            except _FallBack:
+                pass
+        return self.put(key, meta, data)
+
+    def get_bytes(
+        self, key: BlockKey, *, use_shm: bool | None = None
+    ) -> tuple[TensorMeta, memoryview | bytes] | None:
+        """The value under `key` (a private copy), or None when missing. `use_shm` as in
+        `put_bytes`. A worker with a destination buffer saves a copy with `get_into`."""
+        info = self._shm_target(use_shm)
+        if info is not None:
+            try:
+                return self._get_shm(info, key, None, forced=use_shm is True)
+            except _FallBack:
+                pass
+        return self.get(key)
+
+    def get_into(
+        self, key: BlockKey, out: Buffer, *, use_shm: bool | None = None
+    ) -> TensorMeta | None:
+        """Copies the value under `key` into the writable buffer `out` (from its start; `out`
+        must hold meta.total_bytes) and returns its meta, or None when missing: `out` is then
+        left as it was. `use_shm` as in `put_bytes`."""
+        target = memoryview(out).cast("B")
+        if target.readonly:
+            raise ValueError("out must be writable")
+        info = self._shm_target(use_shm)
+        if info is not None:
+            try:
+                value = self._get_shm(info, key, target, forced=use_shm is True)
+            except _FallBack:
+                pass
+            else:
+                return None if value is None else value[0]
+        value = self.get(key)
+        if value is None:
+            return None
+        _check_fits(target, value[0])
+        target[: value[0].total_bytes] = value[1]
+        return value[0]
+
+    def info(self) -> StoreInfo:
+        return info_from_pb(self._stub.Info(kvstore_pb2.InfoRequest(), timeout=self.timeout_s))
+
+    def shm_usable(self) -> bool:
+        """Whether this process can use the store's shared-memory fast path (asked once)."""
+        return self._shm_target(None) is not None
+
+    def put(self, key: BlockKey, meta: TensorMeta, data: Buffer) -> int:
         """Stores `data` under `key`; returns the bytes stored."""
         try:
             reply = self._stub.Put(_put_chunks(key, meta, data), timeout=self.timeout_s)
@@ -76,7 +183,121 @@ class KVStoreClient:
     def stats(self) -> StoreStats:
         return stats_from_pb(self._stub.Stats(kvstore_pb2.StatsRequest(), timeout=self.timeout_s))
 
+    def _shm_target(self, use_shm: bool | None) -> StoreInfo | None:
+        """The store's Info when the call should go through shm, None for gRPC streaming."""
+        if use_shm is False:
+            return None
+        with self._lock:
+            if not self._shm_probed:
+                try:
+                    info = self.info()
+                except grpc.RpcError as exc:
+                    if use_shm:
+                        raise
+                    log.debug("kvstore Info failed (%s): using gRPC streaming", exc.code())
+                    return None  # not cached: probe again once the store answers
+                self._shm_info = info if info.shm_usable_here() else None
+                self._shm_probed = True
+            info = self._shm_info
+        if info is None and use_shm:
+            raise ShmUnavailableError(f"kvstore at {self.address} has no shm path usable here")
+        return info
+
+    def _forget_shm(self) -> None:
+        """After a shm failure: probe the store again on the next call, and drop our spares
+        (a restarted store has a new prefix, and removed the old store's files)."""
+        with self._lock:
+            self._shm_probed = False
+            self._shm_info = None
+            spares = [path for paths in self._spares.values() for path in paths]
+            self._spares.clear()
+        for path in spares:
+            remove(path)
+
+    def _take_spare(self, num_bytes: int) -> str:
+        with self._lock:
+            paths = self._spares.get(num_bytes)
+            return paths.pop() if paths else ""
+
+    def _keep_spare(self, path: str, num_bytes: int) -> None:
+        with self._lock:
+            keep = num_bytes > 0 and sum(map(len, self._spares.values())) < MAX_SPARE_FILES
+            if keep:
+                self._spares.setdefault(num_bytes, []).append(path)
+        if not keep:
+            remove(path)
+
+    def _put_shm(
+        self, info: StoreInfo, key: BlockKey, meta: TensorMeta, data: Buffer, *, forced: bool
+    ) -> int:
+        """Stored bytes; raises _FallBack to go through gRPC streaming instead."""
+        num_bytes = memoryview(data).nbytes
+        if num_bytes != meta.total_bytes:
+            raise ValueError(f"got {num_bytes} bytes, meta.total_bytes is {meta.total_bytes}")
+        new_path = os.path.join(info.shm_dir, f"{info.shm_client_prefix}{uuid.uuid4().hex}")
+        try:
+            path = overwrite_or_write(self._take_spare(num_bytes), new_path, data)
+        except OSError as exc:  # the tmpfs is full, or the directory went away
+            if forced:
+                raise
+            log.debug("cannot write %s (%s): using gRPC streaming", new_path, exc)
+            raise _FallBack from exc
+        request = kvstore_pb2.PutShmRequest(
+            key=key_to_pb(key), meta=meta_to_pb(meta), shm_name=os.path.basename(path)
+        )
+        try:
+            reply = self._stub.PutShm(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            remove(path)  # NOTE: on error the file is still ours; on success it is the store's
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise StoreFullError(exc.details()) from exc
+            if forced or exc.code() not in _SHM_FALLBACK_CODES:
+                raise
+            log.info("kvstore PutShm failed (%s: %s): using gRPC", exc.code(), exc.details())
+            self._forget_shm()
+            raise _FallBack from exc
+        if reply.free_shm_name:
+            self._keep_spare(os.path.join(info.shm_dir, reply.free_shm_name), num_bytes)
+        return reply.stored_bytes
+
+    def _get_shm(
+        self, info: StoreInfo, key: BlockKey, out: memoryview | None, *, forced: bool
+    ) -> tuple[TensorMeta, memoryview] | None:
+        """Copies the value into `out` (a new buffer when None); None on a miss. Raises
+        _FallBack to go through gRPC streaming instead."""
+        for _ in range(2):  # a value replaced while we copied it: ask once more
+            try:
+                reply = self._stub.GetShm(key_to_pb(key), timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                if forced or exc.code() not in _SHM_FALLBACK_CODES:
+                    raise
+                log.info("kvstore GetShm failed (%s: %s): using gRPC", exc.code(), exc.details())
+                self._forget_shm()
+                raise _FallBack from exc
+            meta = meta_from_pb(reply.meta)
+            path = os.path.join(info.shm_dir, reply.shm_name)
+            if out is None:
+                target = memoryview(bytearray(meta.total_bytes))
+            else:
+                _check_fits(out, meta)
+                target = out
+            copied = read_into(path, target, meta.total_bytes)
+            if reply.client_owns:  # ours now: keep it to fill for a later put
+                spare = os.path.join(info.shm_dir, f"{info.shm_client_prefix}{uuid.uuid4().hex}")
+                try:
+                    os.rename(path, spare)
+                except FileNotFoundError:
+                    pass
+                else:
+                    self._keep_spare(spare, meta.total_bytes)
+            if copied:
+                return meta, target[: meta.total_bytes]
+        return None  # released twice while we copied: deleted, as far as we can tell
+
     def close(self) -> None:
+        self._forget_shm()
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:
@@ -86,8 +307,16 @@ class KVStoreClient:
         self.close()
 
 
-def _put_chunks(key: BlockKey, meta: TensorMeta, data: bytes) -> Iterator[kvstore_pb2.PutChunk]:
-    for index, part in enumerate(split_chunks(data)):
+def _check_fits(out: memoryview, meta: TensorMeta) -> None:
+    if out.nbytes < meta.total_bytes:
+        raise ValueError(f"out holds {out.nbytes} bytes, the value is {meta.total_bytes}")
+
+
+def _put_chunks(key: BlockKey, meta: TensorMeta, data: Buffer) -> Iterator[kvstore_pb2.PutChunk]:
+    if not isinstance(data, bytes):
+        data = memoryview(data).cast("B")  # slices without copying; each chunk copied once below
+    for index, raw in enumerate(split_chunks(data)):  # type: ignore[arg-type]
+        part = raw if isinstance(raw, bytes) else bytes(raw)
         if index == 0:
             yield kvstore_pb2.PutChunk(key=key_to_pb(key), meta=meta_to_pb(meta), data=part)
         else:

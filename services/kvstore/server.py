@@ -1,7 +1,8 @@
 """The kvstore's gRPC edge: protobuf <-> dataclasses, chunking, and validation of Put streams.
 
 The storage itself is a `KVBackend` (services.kvstore.backend); this module is the only one of
-the service that imports the generated protobuf code besides the client.
+the service that imports the generated protobuf code besides the client. The same-host fast path
+(PutShm, GetShm) moves only file names; its files are managed by a `ShmArea` (services.kvstore.shm).
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ from collections.abc import Iterable, Iterator
 import grpc
 
 from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-from services.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from services.common.grpc_server import bind, build_server, set_health
 from services.kvstore.backend import (
     BlockKey,
     FieldError,
     KVBackend,
     MemoryBackend,
+    SegmentBackend,
     StoreFullError,
     StoreStats,
     TensorMeta,
 )
+from services.kvstore.shm import ShmArea, StoreInfo, host_id
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,32 @@ def stats_from_pb(pb: kvstore_pb2.StatsResponse) -> StoreStats:
     )
 
 
+def info_to_pb(info: StoreInfo) -> kvstore_pb2.InfoResponse:
+    return kvstore_pb2.InfoResponse(
+        backend=info.backend,
+        capacity_bytes=info.capacity_bytes,
+        host_id=info.host_id,
+        shm_dir=info.shm_dir,
+        shm_client_prefix=info.shm_client_prefix,
+        shm_probe_name=info.shm_probe_name,
+        shm_probe_token=info.shm_probe_token,
+        max_chunk_bytes=info.max_chunk_bytes,
+    )
+
+
+def info_from_pb(pb: kvstore_pb2.InfoResponse) -> StoreInfo:
+    return StoreInfo(
+        backend=pb.backend,
+        capacity_bytes=pb.capacity_bytes,
+        host_id=pb.host_id,
+        shm_dir=pb.shm_dir,
+        shm_client_prefix=pb.shm_client_prefix,
+        shm_probe_name=pb.shm_probe_name,
+        shm_probe_token=pb.shm_probe_token,
+        max_chunk_bytes=pb.max_chunk_bytes,
+    )
+
+
 def split_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
     """At least one chunk, so an empty value still carries its meta."""
     yield data[:chunk_bytes]
@@ -97,8 +131,9 @@ def split_chunks(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[by
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, backend: KVBackend) -> None:
+    def __init__(self, backend: KVBackend, shm: ShmArea | None = None) -> None:
         self._backend = backend
+        self._shm = shm
 
     def Put(
         self, request_iterator: Iterable[kvstore_pb2.PutChunk], context: grpc.ServicerContext
@@ -161,6 +196,88 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     ) -> kvstore_pb2.StatsResponse:
         return stats_to_pb(self._backend.stats())
 
+    def Info(
+        self, request: kvstore_pb2.InfoRequest, context: grpc.ServicerContext
+    ) -> kvstore_pb2.InfoResponse:
+        stats = self._backend.stats()
+        shm = self._shm
+        return info_to_pb(
+            StoreInfo(
+                backend=stats.backend,
+                capacity_bytes=stats.capacity_bytes,
+                host_id=host_id(),
+                shm_dir=shm.directory if shm else "",
+                shm_client_prefix=shm.client_prefix if shm else "",
+                shm_probe_name=shm.probe_name if shm else "",
+                shm_probe_token=shm.probe_token if shm else "",
+                max_chunk_bytes=MAX_CHUNK_BYTES,
+            )
+        )
+
+    def PutShm(
+        self, request: kvstore_pb2.PutShmRequest, context: grpc.ServicerContext
+    ) -> kvstore_pb2.PutResponse:
+        shm = self._require_shm()
+        if not request.HasField("key"):
+            raise InvalidArgumentError("key", "is required")
+        if not request.HasField("meta"):
+            raise InvalidArgumentError("meta", "is required")
+        key = key_from_pb(request.key, prefix="key.")
+        meta = meta_from_pb(request.meta)
+        try:
+            shm.check_client_segment(request.shm_name, meta.total_bytes)
+            self._backend.check_put(key, meta.total_bytes)
+            segment = shm.adopt(request.shm_name, meta.total_bytes)
+        except FieldError as exc:
+            raise InvalidArgumentError(exc.field, exc.problem) from exc
+        except StoreFullError as exc:
+            raise ResourceExhaustedError(str(exc)) from exc
+        try:
+            if isinstance(self._backend, SegmentBackend):
+                self._backend.put_segment(key, meta, segment)  # zero copy: the file is the value
+            else:
+                with segment.view() as data:
+                    self._backend.put(key, meta, data)  # type: ignore[arg-type]
+                segment.release()  # copied in: its file becomes a spare
+        except StoreFullError as exc:
+            segment.release()  # renamed: the client can no longer reach it
+            raise ResourceExhaustedError(str(exc)) from exc
+        except BaseException:
+            segment.release()
+            raise
+        return kvstore_pb2.PutResponse(
+            stored_bytes=meta.total_bytes, free_shm_name=shm.give_spare(meta.total_bytes)
+        )
+
+    def GetShm(
+        self, request: kvstore_pb2.BlockKey, context: grpc.ServicerContext
+    ) -> kvstore_pb2.GetShmResponse:
+        shm = self._require_shm()
+        key = key_from_pb(request)
+        if isinstance(self._backend, SegmentBackend):
+            value = self._backend.get_segment(key)
+        else:
+            value = self._backend.get(key)
+        if value is None:
+            raise NotFoundError(f"no block group for {key}")
+        meta, payload = value
+        if isinstance(payload, bytes):
+            try:
+                name = shm.hand_out(payload)
+            except OSError as exc:  # the tmpfs is full: the client falls back to Get
+                raise ResourceExhaustedError(f"cannot make a shm copy: {exc}") from exc
+            return kvstore_pb2.GetShmResponse(
+                meta=meta_to_pb(meta), shm_name=name, client_owns=True
+            )
+        return kvstore_pb2.GetShmResponse(
+            meta=meta_to_pb(meta), shm_name=payload.name, client_owns=False
+        )
+
+    def _require_shm(self) -> ShmArea:
+        if self._shm is None:
+            raise FailedPreconditionError("the shared-memory fast path is off on this kvstore")
+        return self._shm
+
 
 def _receive_data(chunks: Iterable[kvstore_pb2.PutChunk], total_bytes: int) -> bytes:
     """Joins the payload of a Put stream, checking each chunk and the announced total."""
@@ -190,12 +307,16 @@ def _receive_data(chunks: Iterable[kvstore_pb2.PutChunk], total_bytes: int) -> b
 
 
 def serve(
-    address: str, capacity_bytes: int, backend: KVBackend | None = None
+    address: str,
+    capacity_bytes: int,
+    backend: KVBackend | None = None,
+    shm: ShmArea | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Builds, binds and starts the server and marks it healthy; returns it and its port."""
+    """Builds, binds and starts the server and marks it healthy; returns it and its port. The
+    caller closes `backend` and `shm` after stopping the server."""
     server, health_servicer = build_server([SERVICE_NAME])
     store = backend if backend is not None else MemoryBackend(capacity_bytes)
-    kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store), server)
+    kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, shm), server)
     port = bind(server, address)
     server.start()
     set_health(health_servicer, [SERVICE_NAME], serving=True)

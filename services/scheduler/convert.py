@@ -75,4 +75,6 @@ def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
         command_id=command_id,
         step=wpb.Step(seqs=seqs),
         free_first=wpb.Free(job_ids=decision.free_job_ids),
+        swap_out=[wpb.BlockMove(job_id=m.job_id, block_ids=m.block_ids) for m in decision.swap_out],
+        swap_in=[wpb.BlockMove(job_id=m.job_id, block_ids=m.block_ids) for m in decision.swap_in],
     )

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SEPARATOR = "/"  # internal job id = "<frontend id>/<frontend's job id>"
 IDLE_WAIT_S = 0.05
 WORKER_RETRY_S = 0.5
+SWAP_POLL_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,11 @@ class EngineStats:
     mean_forward_ms: float = 0.0
     num_frontends: int = 0
     num_worker_used_blocks: int = 0
+    num_swapped_out_jobs: int = 0
+    num_swapped_in_jobs: int = 0
+    num_swap_failures: int = 0
+    num_host_jobs: int = 0
+    swap_bytes_per_s: float = 0.0
 
 
 class Engine:
@@ -119,16 +125,18 @@ class Engine:
             self._drain_inbox(block=not self._core.has_work())
             started = time.perf_counter()
             decision = self._core.schedule()
-            if decision.is_empty:
+            if decision.is_empty and not self._core.num_swaps_in_flight:
                 self._publish(0, decision.events)
                 continue
+            if decision.is_empty:
+                time.sleep(SWAP_POLL_S)  # nothing runnable until a swap lands: poll for it
             try:
                 result = self._worker.execute(decision)
             except WorkerError as exc:
                 log.error("%s; re-prefilling every job once the worker is back", exc)
                 self._recover_worker()
                 continue
-            events = decision.events + self._core.update(decision, result.tokens)
+            events = decision.events + self._core.update(decision, result.tokens, result.swaps_done)
             self._publish(decision.iteration_id, events)
             # Iteration = schedule + command round trip + update + publish; forward is the
             # worker's model time, so the difference is everything the spine adds.
@@ -210,6 +218,11 @@ class Engine:
             mean_forward_ms=_mean_ms(self._forward_s),
             num_frontends=num_frontends,
             num_worker_used_blocks=self._worker_used_blocks,
+            num_swapped_out_jobs=core.num_swapped_out_jobs,
+            num_swapped_in_jobs=core.num_swapped_in_jobs,
+            num_swap_failures=core.num_swap_failures,
+            num_host_jobs=core.num_host_jobs,
+            swap_bytes_per_s=core.swap_bytes_per_s,
         )
 
     def _recover_worker(self) -> None:

@@ -12,6 +12,7 @@ from services.common.grpc_server import bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.scheduler.core import SchedulerConfig, SchedulerCore
+from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.core.policy import make_policy
 from services.scheduler.engine import Engine
 from services.scheduler.policy_flags import add_policy_arguments, policy_options
@@ -30,6 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_policy_arguments(parser)
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
     add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
+    add_flag(
+        parser,
+        "--kv-policy",
+        default="proactive",
+        choices=KV_POLICIES,
+        help="what preemption does with KV: swap ahead of need, swap at need, or recompute",
+    )
+    add_flag(
+        parser,
+        "--reserve-blocks",
+        type=int,
+        default=-1,
+        help="free blocks proactive swapping keeps for arrivals (-1: 5%% of the pool)",
+    )
     add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )
@@ -59,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         max_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
         policy=args.policy,
         backfill=backfill,
+        kv_policy=args.kv_policy,
+        swap_enabled=info.swap_enabled,
+        reserve_blocks=(args.reserve_blocks if args.reserve_blocks >= 0 else info.num_blocks // 20),
+        block_bytes=info.block_bytes,
     )
     worker.open()
     profile = load_or_measure(
@@ -79,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"scheduler: {exc}") from exc
     log.info("policy %s: %s", args.policy, getattr(policy, "options", ""))
-    engine = Engine(SchedulerCore(config, policy), worker)
+    if args.kv_policy != "recompute" and not info.swap_enabled:
+        log.warning("kv policy %s needs a worker with a kvstore; recomputing", args.kv_policy)
+    engine = Engine(SchedulerCore(config, policy, profile=profile), worker)
     engine.start()
     server, health = build_server([SERVICE_NAME])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(engine, args.policy, info.block_size), server
+        SchedulerServicer(engine, args.policy, info.block_size, args.kv_policy), server
     )
     port = bind(server, f"{args.host}:{args.port}")
     server.start()

@@ -17,9 +17,12 @@ SERVICE_NAME = spb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, engine: Engine, policy_name: str, block_size: int) -> None:
+    def __init__(
+        self, engine: Engine, policy_name: str, block_size: int, kv_policy: str = ""
+    ) -> None:
         self._engine = engine
         self._policy_name = policy_name
+        self._kv_policy = kv_policy
         self._block_size = block_size
 
     def Connect(self, request_iterator, context):
@@ -75,4 +78,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             mean_forward_ms=s.mean_forward_ms,
             num_frontends=s.num_frontends,
             num_worker_used_blocks=s.num_worker_used_blocks,
+            kv_policy=self._kv_policy,
+            num_swapped_out_jobs=s.num_swapped_out_jobs,
+            num_swapped_in_jobs=s.num_swapped_in_jobs,
+            num_swap_failures=s.num_swap_failures,
+            num_host_jobs=s.num_host_jobs,
+            swap_bytes_per_s=s.swap_bytes_per_s,
         )

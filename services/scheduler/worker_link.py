@@ -13,7 +13,7 @@ from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
 from services.common.grpc_server import GRPC_OPTIONS
 from services.scheduler.convert import decision_to_command
-from services.scheduler.core import Decision
+from services.scheduler.core import Decision, SwapResult
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class WorkerInfo:
     device: str
     dtype: str
     vocab_size: int
+    block_bytes: int
+    swap_enabled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,8 @@ class StepResult:
     forward_s: float  # model forward + sampling on the worker
     total_s: float  # whole command on the worker
     num_used_blocks: int  # blocks the worker holds for jobs after the command
+    swaps_done: list[SwapResult]  # background swaps that finished
+    num_swaps_in_flight: int
 
 
 class WorkerLink:
@@ -64,6 +68,8 @@ class WorkerLink:
                     device=reply.device,
                     dtype=reply.dtype,
                     vocab_size=reply.vocab_size,
+                    block_bytes=reply.block_bytes,
+                    swap_enabled=reply.swap_enabled,
                 )
             except grpc.RpcError as exc:
                 if time.monotonic() > deadline:
@@ -85,6 +91,17 @@ class WorkerLink:
             forward_s=result.forward_us / 1e6,
             total_s=result.total_us / 1e6,
             num_used_blocks=result.num_used_blocks,
+            swaps_done=[
+                SwapResult(
+                    job_id=done.job_id,
+                    swap_in=done.direction == wpb.SWAP_DIRECTION_IN,
+                    ok=done.ok,
+                    num_bytes=done.num_bytes,
+                    duration_s=done.duration_us / 1e6,
+                )
+                for done in result.swaps_done
+            ],
+            num_swaps_in_flight=result.num_swaps_in_flight,
         )
 
     def _call(self, command: wpb.Command) -> wpb.Result:

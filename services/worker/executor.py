@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from services.worker.batch import SeqChunk
 from services.worker.model_runner import ModelRunner
+from services.worker.swapper import SwapDone, Swapper
 
 
 class CommandError(ValueError):
@@ -25,8 +26,9 @@ class StepOutput:
 
 
 class Executor:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, swapper: Swapper | None = None) -> None:
         self.runner = runner
+        self.swapper = swapper
         self._owner: dict[int, str] = {}  # block id -> job id
         self._blocks_of: dict[str, set[int]] = {}
 
@@ -35,11 +37,62 @@ class Executor:
         return len(self._owner)
 
     def free(self, job_ids: Iterable[str]) -> None:
+        """Releases jobs' device blocks and drops any kvstore copy of their KV."""
+        job_ids = list(job_ids)
+        self._release(job_ids)
+        if self.swapper is not None:
+            self.swapper.forget(job_ids)
+
+    def _release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             for block_id in self._blocks_of.pop(job_id, ()):
                 self._owner.pop(block_id, None)
 
+    def swap_out(self, job_id: str, block_ids: Sequence[int]) -> None:
+        """Copies a job's blocks off the device now and to the kvstore in the background; the
+        blocks are released at once (the scheduler may hand them to another job)."""
+        if self.swapper is None:
+            raise CommandError("swap_out: this worker has no kvstore (--kvstore-address)")
+        self._check_owned(job_id, block_ids, "swap_out")
+        self.swapper.swap_out(job_id, block_ids)
+        self._release([job_id])
+
+    def swap_in(self, job_id: str, block_ids: Sequence[int]) -> None:
+        """Starts reading a job's blocks back from the kvstore into `block_ids`."""
+        if self.swapper is None:
+            raise CommandError("swap_in: this worker has no kvstore (--kvstore-address)")
+        self._claim_blocks(job_id, block_ids, "swap_in")
+        self.swapper.swap_in(job_id, block_ids)
+
+    def poll_swaps(self) -> list[SwapDone]:
+        return self.swapper.poll() if self.swapper is not None else []
+
+    @property
+    def num_swaps_in_flight(self) -> int:
+        return self.swapper.num_in_flight if self.swapper is not None else 0
+
+    def _check_owned(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
+        for block_id in block_ids:
+            if self._owner.get(block_id) != job_id:
+                raise CommandError(f"{field}[{job_id}].block_ids: block {block_id} is not its")
+
+    def _claim_blocks(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
+        for block_id in block_ids:
+            if not 0 <= block_id < self.runner.num_blocks:
+                raise CommandError(f"{field}[{job_id}].block_ids: {block_id} out of range")
+            owner = self._owner.get(block_id)
+            if owner is not None and owner != job_id:
+                raise CommandError(
+                    f"{field}[{job_id}].block_ids: block {block_id} belongs to job {owner}"
+                )
+        blocks = self._blocks_of.setdefault(job_id, set())
+        for block_id in block_ids:
+            self._owner[block_id] = job_id
+            blocks.add(block_id)
+
     def reset(self) -> None:
+        if self.swapper is not None:
+            self.swapper.poll()  # results for a previous scheduler connection: stale
         self._owner.clear()
         self._blocks_of.clear()
         self.runner.reset()
@@ -55,7 +108,7 @@ class Executor:
         return StepOutput(tokens=[(j, t) for j, t in tokens if t is not None], forward_s=forward_s)
 
     def _claim(self, seqs: Sequence[SeqChunk]) -> None:
-        num_blocks, block_size = self.runner.num_blocks, self.runner.block_size
+        block_size = self.runner.block_size
         for seq in seqs:
             if not seq.token_ids:
                 raise CommandError(f"seqs[{seq.job_id}].token_ids: empty")
@@ -65,16 +118,5 @@ class Executor:
                     f"seqs[{seq.job_id}].block_ids: {len(seq.block_ids)} blocks cannot hold "
                     f"{seq.start_pos + len(seq.token_ids)} tokens"
                 )
-            for block_id in seq.block_ids:
-                if not 0 <= block_id < num_blocks:
-                    raise CommandError(f"seqs[{seq.job_id}].block_ids: {block_id} out of range")
-                owner = self._owner.get(block_id)
-                if owner is not None and owner != seq.job_id:
-                    raise CommandError(
-                        f"seqs[{seq.job_id}].block_ids: block {block_id} belongs to job {owner}"
-                    )
         for seq in seqs:
-            blocks = self._blocks_of.setdefault(seq.job_id, set())
-            for block_id in seq.block_ids:
-                self._owner[block_id] = seq.job_id
-                blocks.add(block_id)
+            self._claim_blocks(seq.job_id, seq.block_ids, "seqs")

@@ -23,6 +23,7 @@ from services.common.model_source import (
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.server import SERVICE_NAME, WorkerServicer
+from services.worker.swapper import Swapper
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="KV pool size in bytes")
+    add_flag(
+        parser, "--kvstore-address", default="", help="kvstore for swapping (empty: no swapping)"
+    )
     add_flag(parser, "--threads", type=int, default=0, help="torch CPU threads (0: default)")
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         1, args.kv_bytes // ModelRunner.bytes_per_block(model.config, args.block_size, dtype)
     )
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size)
+    swapper = Swapper(runner.kv_cache, args.kvstore_address) if args.kvstore_address else None
     info = wpb.InfoResponse(
         model_name=source.name,
         stage_index=0,
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=model.config.vocab_size,
         max_model_len=max_model_len(model.config),
         tensor_parallel_size=1,
+        swap_enabled=swapper is not None,
     )
     log.info(
         "loaded %s: %d blocks x %d tokens on %s",
@@ -80,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         info.device,
     )
     server, health = build_server([SERVICE_NAME], max_workers=8)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(Executor(runner), info), server)
+    servicer = WorkerServicer(Executor(runner, swapper), info)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()
     set_health(health, [SERVICE_NAME], serving=True)

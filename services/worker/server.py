@@ -51,6 +51,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         result = wpb.Result(command_id=command.command_id)
         try:
             self._executor.free(command.free_first.job_ids)
+            for move in command.swap_out:
+                self._executor.swap_out(move.job_id, list(move.block_ids))
+            for move in command.swap_in:
+                self._executor.swap_in(move.job_id, list(move.block_ids))
             kind = command.WhichOneof("kind")
             if kind == "step":
                 output = self._executor.step([chunk_from_pb(s) for s in command.step.seqs])
@@ -62,13 +66,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._executor.free(command.free.job_ids)
             elif kind == "reset":
                 self._executor.reset()
-            elif kind in ("swap_out", "swap_in"):
-                raise CommandError(f"{kind}: not supported by this worker yet")
         except (CommandError, ValueError) as exc:  # a malformed command, named by field
             result.error = str(exc)
         except Exception as exc:  # never let one bad command kill the stream
             log.exception("command %d failed", command.command_id)
             result.error = f"internal error: {type(exc).__name__}: {exc}"
+        result.swaps_done.extend(
+            wpb.SwapDone(
+                job_id=done.job_id,
+                direction=wpb.SWAP_DIRECTION_IN if done.swap_in else wpb.SWAP_DIRECTION_OUT,
+                ok=done.ok,
+                error=done.error,
+                num_bytes=done.num_bytes,
+                duration_us=int(done.duration_s * 1e6),
+            )
+            for done in self._executor.poll_swaps()
+        )
+        result.num_swaps_in_flight = self._executor.num_swaps_in_flight
         result.num_used_blocks = self._executor.num_used_blocks
         result.total_us = int((time.perf_counter() - started) * 1e6)
         return result

@@ -314,3 +314,23 @@ def test_sigterm_stops_with_exit_code_0() -> None:
     with KVStoreClient(kvstore.address) as client:
         good_put(client)
     assert stop_kvstore(kvstore) == 0
+
+
+def test_put_bytes_and_get_bytes_agree_on_both_paths(client: KVStoreClient) -> None:
+    meta, data = make_value(5 * MIB, seed=11)
+    for index, use_shm in enumerate([False, None]):  # None: shm when usable, as workers call it
+        key = BlockKey("both-paths", 0, index)
+        assert client.put_bytes(key, meta, memoryview(data), use_shm=use_shm) == len(data)
+        for read_shm in [False, None]:
+            got = client.get_bytes(key, use_shm=read_shm)
+            assert got is not None and got[0] == meta and got[1] == data
+    assert client.get_bytes(BlockKey("both-paths", 0, 9)) is None
+    assert client.delete_job("both-paths") == 2
+
+
+def test_info_reports_backend_capacity_and_chunk_size(client: KVStoreClient) -> None:
+    info = client.info()
+    assert (info.backend, info.capacity_bytes) == ("memory", CAPACITY_BYTES)
+    assert info.max_chunk_bytes == 4 * MIB
+    assert info.host_id
+    assert client.shm_usable() == (info.shm_dir != "" and os.path.isdir(info.shm_dir))

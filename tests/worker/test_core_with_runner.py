@@ -9,7 +9,7 @@ import random
 import pytest
 
 from services.frontend.tokenizer import encode_prompt
-from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
+from services.scheduler.core import Job, SchedulerConfig, SchedulerCore, SwapResult
 from services.worker.batch import Sampling, SeqChunk
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
@@ -79,6 +79,71 @@ def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
     assert mixed_batches > 0
     if num_blocks == 10:
         assert core.stats().num_recomputed_jobs > 0
+    for job in jobs:
+        ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
+        assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, outputs[job.job_id], ref)
+
+
+@pytest.mark.parametrize("kv_policy", ["proactive"])
+def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
+    tiny_hf_model, tiny_tokenizer, kv_policy
+):
+    """Real model, real kvstore server (gRPC, in this process), background swaps: a pool so
+    small that most jobs are swapped out and back in several times."""
+    import time
+
+    from services.kvstore.server import serve
+    from services.scheduler.core.profile import PerformanceProfile
+    from services.worker.swapper import Swapper
+
+    server, port = serve("127.0.0.1:0", capacity_bytes=1 << 30)
+    num_blocks, block_size = 10, 16
+    runner = ModelRunner(tiny_hf_model, num_blocks=num_blocks, block_size=block_size)
+    executor = Executor(runner, Swapper(runner.kv_cache, f"127.0.0.1:{port}"))
+    # A profile where recomputing is dear, so every eviction swaps.
+    dear_prefill = PerformanceProfile(prefill_s=((1, 1.0), (512, 512.0)), decode_s=((1, 0.01),))
+    config = SchedulerConfig(
+        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
+        max_batched_tokens=64, kv_policy=kv_policy, swap_enabled=True,
+        block_bytes=runner.block_bytes, reserve_blocks=2,
+    )  # fmt: skip
+    core = SchedulerCore(config, ShufflingPolicy(7), profile=dear_prefill)
+    jobs = []
+    for i in range(10):
+        prompt = f"Job {i}: " + "tell me something interesting " * (1 + i % 4)
+        job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=12 + 5 * (i % 3))
+        jobs.append(job)
+        core.add_job(job)
+    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
+    try:
+        deadline = time.monotonic() + 120
+        while core.has_work():
+            assert time.monotonic() < deadline, "did not drain"
+            decision = core.schedule()
+            if decision.is_empty:
+                time.sleep(0.002)
+            executor.free(decision.free_job_ids)
+            for move in decision.swap_out:
+                executor.swap_out(move.job_id, move.block_ids)
+            for move in decision.swap_in:
+                executor.swap_in(move.job_id, move.block_ids)
+            output = executor.step(
+                [
+                    SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, Sampling())
+                    for c in decision.chunks
+                ]
+            )
+            swaps = [
+                SwapResult(d.job_id, d.swap_in, d.ok, d.num_bytes, d.duration_s)
+                for d in executor.poll_swaps()
+            ]
+            for event in core.update(decision, dict(output.tokens), swaps):
+                outputs[event.job_id].extend(event.token_ids)
+    finally:
+        server.stop(0)
+    stats = core.stats()
+    assert stats.num_swapped_in_jobs >= 3 and stats.num_swap_failures == 0
+    assert stats.num_recomputed_jobs == 0
     for job in jobs:
         ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
         assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, outputs[job.job_id], ref)

