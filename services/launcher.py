@@ -23,6 +23,7 @@ from services.common.flags import add_flag
 from services.common.health import is_serving
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
+from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.policy_flags import add_policy_arguments, policy_argv
 
 log = logging.getLogger("launcher")
@@ -72,9 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--kv-policy",
         default="proactive",
-        help="KV under preemption: proactive | reactive (swap) | recompute",
+        choices=KV_POLICIES,
+        help="KV under preemption: swap ahead of need, swap at need, or recompute",
     )
     add_flag(parser, "--reserve-blocks", type=int, default=-1, help="-1: 5%% of the pool")
+    add_flag(parser, "--swap-cost-scale", type=float, default=1.0, help="0: always swap")
     add_flag(
         parser,
         "--kvstore-backend",
@@ -130,6 +133,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 "--worker-address", f"{local}:{worker_port}",
                 "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
+                "--swap-cost-scale", str(args.swap_cost_scale),
                 "--max-batch-size", str(args.max_batch_size),
                 "--max-batched-tokens", str(args.max_batched_tokens), *level,
             ],

@@ -229,12 +229,18 @@ class _PodWatch:
         )
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._stopped.set()
-        if self._watch is not None:
-            self._watch.stop()  # also shuts the socket, so a blocked read returns
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        deadline = time.monotonic() + timeout_s
+        # NOTE: Watch.stop() shuts the socket of the request in flight, so a blocked read returns;
+        # a watch whose request was not yet sent would miss it, hence the retries.
+        while self._thread is not None and self._thread.is_alive():
+            if self._watch is not None:
+                self._watch.stop()
+            self._thread.join(timeout=0.05)
+            if time.monotonic() > deadline:
+                log.warning("discovery %s: watch thread did not stop", self.name)
+                break
 
     def _run(self) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="free blocks proactive swapping keeps for arrivals (-1: 5%% of the pool)",
     )
     add_flag(
+        parser,
+        "--swap-cost-scale",
+        type=float,
+        default=1.0,
+        help="weight of swap cost against recompute cost; 0 always swaps",
+    )
+    add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         swap_enabled=info.swap_enabled,
         reserve_blocks=(args.reserve_blocks if args.reserve_blocks >= 0 else info.num_blocks // 20),
         block_bytes=info.block_bytes,
+        swap_cost_scale=args.swap_cost_scale,
     )
     worker.open()
     profile = load_or_measure(

@@ -173,9 +173,11 @@ def test_demotion_happens_exactly_when_attained_service_passes_the_quantum(charg
         policy.on_iteration([(job, 1)], charge, float(i))
         total += charge
         # Level k is left once service passes q0 + ... + qk (carried over between queues).
+        # Within float rounding of a boundary either side is right.
         boundaries = [sum(quanta[: k + 1]) for k in range(len(quanta) - 1)]
-        expected = sum(1 for b in boundaries if total > b + 1e-12)
-        assert policy.level(job) == expected
+        surely = sum(1 for b in boundaries if total > b + 1e-9)
+        maybe = sum(1 for b in boundaries if total > b - 1e-9)
+        assert surely <= policy.level(job) <= maybe
 
 
 @SETTINGS

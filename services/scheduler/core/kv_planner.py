@@ -22,10 +22,11 @@ class SwapCostModel:
     bytes_per_s: float = 1e9  # swap bandwidth, one direction
     latency_s: float = 0.002  # fixed cost of one swap (RPCs, bookkeeping)
     smoothing: float = 0.2
+    scale: float = 1.0  # multiplies swap costs: 0 always swaps, a large value always recomputes
 
     def swap_cost(self, num_blocks: int) -> float:
         """Out and back in."""
-        return 2 * (self.latency_s + num_blocks * self.block_bytes / self.bytes_per_s)
+        return 2 * self.scale * (self.latency_s + num_blocks * self.block_bytes / self.bytes_per_s)
 
     def recompute_cost(self, num_tokens: int) -> float:
         return self.profile.prefill_time(num_tokens) if num_tokens else 0.0

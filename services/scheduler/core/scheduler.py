@@ -55,6 +55,7 @@ class SchedulerConfig:
     swap_enabled: bool = False
     reserve_blocks: int = 0  # free blocks proactive management keeps for new arrivals
     block_bytes: int = 0  # bytes of one block on one stage (for swap costs)
+    swap_cost_scale: float = 1.0  # 0: always swap rather than recompute (tests, benchmarks)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_model_len", "max_batch_size"):
@@ -105,7 +106,10 @@ class SchedulerCore:
             config.policy, max_model_len=config.max_model_len, max_batch_size=config.max_batch_size
         )
         self.memory = KvMemory(
-            config, SwapCostModel(profile or SYNTHETIC_PROFILE, config.block_bytes)
+            config,
+            SwapCostModel(
+                profile or SYNTHETIC_PROFILE, config.block_bytes, scale=config.swap_cost_scale
+            ),
         )
         self.blocks = self.memory.blocks
         self._clock = clock

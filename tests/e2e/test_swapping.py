@@ -1,0 +1,114 @@
+"""Proactive KV swapping end to end: exact output while jobs swap out and back in through the
+kvstore (in memory, and Redis), and when the kvstore dies mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fastserve_client import Client
+from services.frontend.tokenizer import encode_prompt
+from tests.kvstore.redis_server import redis_server
+from tests.oracle import assert_greedy_matches, hf_greedy
+from tests.stack import Stack, pid_alive
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# 12 blocks of 16 tokens for 10 jobs of up to ~90 tokens each, 3 at a time: most jobs are
+# swapped out and back in several times. Swap cost 0: always swap rather than recompute.
+PRESSURE = ("--kv-blocks", "12", "--max-batch-size", "3", "--swap-cost-scale", "0",
+            "--reserve-blocks", "2")  # fmt: skip
+PROMPTS = [f"Request {i}: " + "describe the sea in many words " * (1 + i % 4) for i in range(10)]
+LENGTHS = [10 + 6 * (i % 4) for i in range(10)]
+
+
+def run_all(stack: Stack, pause=None) -> list[list[int]]:
+    def one(i):
+        with Client(stack.address, timeout=300) as client:
+            result = client.complete(
+                PROMPTS[i], max_tokens=LENGTHS[i], temperature=0, ignore_eos=True
+            )
+            return result.token_ids
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(one, i) for i in range(len(PROMPTS))]
+        if pause is not None:
+            pause()
+        return [f.result() for f in futures]
+
+
+def check_exact(outputs, tiny_hf_model, tiny_tokenizer):
+    for i, tokens in enumerate(outputs):
+        prompt_ids = encode_prompt(tiny_tokenizer, PROMPTS[i])
+        ref = hf_greedy(tiny_hf_model, prompt_ids, LENGTHS[i])
+        assert_greedy_matches(tiny_hf_model, prompt_ids, tokens, ref)
+
+
+@pytest.mark.parametrize("kv_policy", ["proactive", "reactive"])
+def test_swapped_jobs_keep_exact_output_in_memory(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer, kv_policy
+):
+    stack = Stack.start(tiny_model_dir, *PRESSURE, "--kv-policy", kv_policy)
+    try:
+        outputs = run_all(stack)
+        stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+    finally:
+        assert stack.stop() == 0
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert stats.kv_policy == kv_policy
+    assert stats.num_swapped_in_jobs >= len(PROMPTS) // 2, stats
+    assert stats.num_swap_failures == 0 and stats.num_recomputed_jobs == 0
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_host_jobs == 0
+
+
+def test_swapped_jobs_keep_exact_output_through_redis(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer
+):
+    with redis_server() as url:
+        stack = Stack.start(tiny_model_dir, *PRESSURE, "--kvstore-backend", url)
+        try:
+            outputs = run_all(stack)
+            stats = stack.scheduler_stats()
+        finally:
+            assert stack.stop() == 0
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert stats.num_swapped_in_jobs >= len(PROMPTS) // 2 and stats.num_swap_failures == 0
+
+
+def test_killing_the_kvstore_mid_run_loses_no_request(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer
+):
+    stack = Stack.start(tiny_model_dir, *PRESSURE)
+    kvstore_pid = next(
+        pid
+        for pid in stack.child_pids()
+        if "kvstore" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    )
+    killed = threading.Event()
+
+    def kill_when_swapping():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if stack.scheduler_stats().num_swapped_out_jobs >= 2:
+                break
+            time.sleep(0.01)
+        os.kill(kvstore_pid, signal.SIGKILL)
+        killed.set()
+
+    try:
+        outputs = run_all(stack, pause=kill_when_swapping)
+        stats = stack.scheduler_stats()
+        restarted = [p for p in stack.child_pids() if pid_alive(p)]
+    finally:
+        assert stack.stop() == 0
+    assert killed.is_set() and not pid_alive(kvstore_pid)
+    assert len(restarted) == 4  # the launcher started a new kvstore
+    assert any("kvstore exited" in line and "restarting" in line for line in stack.output)
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert stats.num_swapped_out_jobs >= 2
