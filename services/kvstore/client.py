@@ -2,13 +2,13 @@
 
 Workers use it to swap KV blocks out and in, through `put_bytes` and `get_into` / `get_bytes`:
 on the store's host these pass the bytes through a shared-memory file and only its name over
-gRPC (one copy each way, no serialisation; services.kvstore.shm); elsewhere they stream chunks
-over gRPC. `put*` raise `StoreFullError` when
-the store refuses for capacity (the scheduler then recomputes the job); `get*` return None when
-the value is missing. Other failures surface as `grpc.RpcError`.
+gRPC (one copy each way, no serialisation; see services.kvstore.shm); elsewhere, or when the
+store has no shm, they stream chunks over gRPC. `put*` raise `StoreFullError` when the store
+refuses for capacity (the scheduler then recomputes the job); `get*` return None when the value
+is missing. Other failures surface as `grpc.RpcError`.
 
-Thread-safe: one channel, and the fast path's probe result is cached under a lock, so a worker
-can call it from background copy threads.
+Thread-safe: one channel, and the fast path's probe result and spare files are guarded by a
+lock, so a worker can call it from background copy threads.
 """
 
 from __future__ import annotations
@@ -115,19 +115,19 @@ class KVStoreClient:
         self, key: BlockKey, out: Buffer, *, use_shm: bool | None = None
     ) -> TensorMeta | None:
         """Copies the value under `key` into the writable buffer `out` (from its start; `out`
-        must hold meta.total_bytes) and returns its meta, or None when missing: `out` is then
-        left as it was. `use_shm` as in `put_bytes`."""
+        must hold meta.total_bytes) and returns its meta; None when missing, and then what `out`
+        holds is unspecified. One copy on the shm path. `use_shm` as in `put_bytes`."""
         target = memoryview(out).cast("B")
         if target.readonly:
             raise ValueError("out must be writable")
         info = self._shm_target(use_shm)
         if info is not None:
             try:
-                value = self._get_shm(info, key, target, forced=use_shm is True)
+                copied = self._get_shm(info, key, target, forced=use_shm is True)
             except _FallBack:
                 pass
             else:
-                return None if value is None else value[0]
+                return None if copied is None else copied[0]
         value = self.get(key)
         if value is None:
             return None
@@ -190,13 +190,13 @@ class KVStoreClient:
         with self._lock:
             if not self._shm_probed:
                 try:
-                    info = self.info()
+                    store = self.info()
                 except grpc.RpcError as exc:
                     if use_shm:
                         raise
                     log.debug("kvstore Info failed (%s): using gRPC streaming", exc.code())
                     return None  # not cached: probe again once the store answers
-                self._shm_info = info if info.shm_usable_here() else None
+                self._shm_info = store if store.shm_usable_here() else None
                 self._shm_probed = True
             info = self._shm_info
         if info is None and use_shm:

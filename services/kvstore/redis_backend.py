@@ -229,7 +229,7 @@ class RedisBackend:
 
     def get(self, key: BlockKey) -> tuple[TensorMeta, bytes] | None:
         value_key = self.value_key(key)
-        value = self._redis.get(value_key)
+        value: bytes | None = self._redis.get(value_key)  # type: ignore[assignment]
         decoded = None if value is None else decode_header(value)
         if value is None:
             self._forget_script(keys=self._bookkeeping_keys(key))

@@ -1,8 +1,8 @@
 """The kvstore's gRPC edge: protobuf <-> dataclasses, chunking, and validation of Put streams.
 
 The storage itself is a `KVBackend` (services.kvstore.backend); this module is the only one of
-the service that imports the generated protobuf code besides the client. The same-host fast path
-(PutShm, GetShm) moves only file names; its files are managed by a `ShmArea` (services.kvstore.shm).
+the service that imports the generated protobuf code besides the client. The same-host fast
+path (PutShm, GetShm) moves only file names; a `ShmArea` (services.kvstore.shm) owns the files.
 """
 
 from __future__ import annotations
