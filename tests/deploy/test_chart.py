@@ -38,7 +38,6 @@ POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
 FUTURE_FLAGS = {
     "frontend": {"--http-port"},
     "worker": {"--stage-index", "--num-stages", "--rendezvous-address"},
-    "kvstore": {"--kvstore-backend"},
 }
 FUTURE_ENV = {"frontend": {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}}
 
@@ -125,10 +124,6 @@ def scenario(request) -> str:
 
 @pytest.fixture
 def docs(helm, scenario) -> tuple[dict, ...]:
-    return _render(helm, scenario)
-
-
-def render(helm: Path, scenario: str) -> tuple[dict, ...]:
     return _render(helm, scenario)
 
 
@@ -274,6 +269,7 @@ def test_ports_match_the_service_flags(docs, scenario):
     links = [
         ("frontend", "--scheduler-address", "scheduler", f"{fullname}-scheduler"),
         ("scheduler", "--kvstore-address", "kvstore", f"{fullname}-kvstore"),
+        ("worker", "--kvstore-address", "kvstore", f"{fullname}-kvstore"),
     ]
     for client, address_flag, peer, svc_name in links:
         host, port = split_address(flag(containers[client]["args"], address_flag))
@@ -333,12 +329,12 @@ def test_gpu_values_request_gpus(docs, scenario):
 def test_redis_values_wire_the_kvstore_backend(docs, scenario):
     redis = merged_values(scenario)["redis"]
     kvstore = container(workload(docs, "kvstore"))
-    backend = flag(kvstore["args"], "--kvstore-backend")
+    backend = flag(kvstore["args"], "--backend")
     redis_sets = [
         d for d in docs if d["kind"] == "StatefulSet" and "redis" in d["metadata"]["name"]
     ]
     if not redis["enabled"]:
-        assert backend is None and not redis_sets
+        assert backend == "memory" and not redis_sets
     elif redis["mode"] == "bundled":
         (redis_set,) = redis_sets
         svc = service(docs, f"{RELEASE}-fastserve-redis")
@@ -546,8 +542,14 @@ def test_chart_commands_are_the_launchers(docs, scenario):
         args = ctr["args"]
         assert args[0] == name == launcher[name][0] and name in COMMANDS
         chart_flags = {f for f, _ in flag_pairs(args)}
-        launcher_flags = {f for f in launcher[name] if f.startswith("--")}
-        assert launcher_flags <= chart_flags, f"{name}: chart lacks {launcher_flags - chart_flags}"
+        # Every connection the launcher wires (ports, addresses) and the model, the chart wires
+        # too; tuning flags keep their defaults unless values (or extraArgs) set them.
+        wiring = {
+            f
+            for f in launcher[name]
+            if f in ("--port", "--model", "--backend") or f.endswith("-address")
+        }
+        assert wiring <= chart_flags, f"{name}: chart lacks {wiring - chart_flags}"
         unknown = chart_flags - known_flags(name)
         assert unknown <= FUTURE_FLAGS.get(name, set()), f"{name}: unknown flags {unknown}"
         if scenario == "default":
@@ -557,7 +559,10 @@ def test_chart_commands_are_the_launchers(docs, scenario):
         for f, v in flag_pairs(args):
             if f not in unknown:
                 argv += [f, re.sub(r"\$\([A-Z_]+\)", "0", v)]
-        service_parser(name).parse_args(argv)
+        try:
+            service_parser(name).parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"fastserve {name} rejects the chart's arguments {argv}")
         for env in ctr.get("env", []):
             if env["name"].startswith("FASTSERVE_"):
                 as_flag = "--" + env["name"].removeprefix("FASTSERVE_").lower().replace("_", "-")
