@@ -14,6 +14,7 @@ from services.common.logs import LOG_LEVELS, setup_logging
 from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.core.policy import make_policy
+from services.scheduler.discovery import add_discovery_arguments, discovery_from_args
 from services.scheduler.engine import Engine
 from services.scheduler.policy_flags import add_policy_arguments, policy_options
 from services.scheduler.profiler import load_or_measure
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--worker-address", default="127.0.0.1:50061", help="worker stage 0")
     add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
     add_policy_arguments(parser)
+    add_discovery_arguments(parser)
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
     add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(
@@ -60,11 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("scheduler", args.log_level)
-    worker = WorkerLink(args.worker_address)
+    discovery = discovery_from_args(args)
+    discovery.start()
+    try:
+        stage0 = discovery.wait_for_workers(1, args.worker_timeout)[0]
+    except TimeoutError as exc:
+        raise SystemExit(f"scheduler: {exc}") from exc
+    worker = WorkerLink(stage0)
+    discovery.subscribe(lambda found: worker.retarget(found.worker_addresses.get(0)))
     info = worker.wait_for_info(args.worker_timeout)
     log.info(
         "worker %s: %s on %s (%s), %d blocks of %d tokens",
-        args.worker_address,
+        stage0,
         info.model_name,
         info.device,
         info.dtype,
@@ -123,5 +132,6 @@ def run(args: argparse.Namespace) -> int:
         set_health(health, [SERVICE_NAME], serving=False)
         server.stop(grace=2).wait()
         engine.stop()
+        discovery.stop()
 
     return run_until_signal("scheduler", stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class StepResult:
 class WorkerLink:
     def __init__(self, address: str) -> None:
         self.address = address
+        self._target = address  # where the next open() connects (discovery may move it)
+        self._target_lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._requests: queue.SimpleQueue[wpb.Command | None] | None = None
@@ -76,9 +79,24 @@ class WorkerLink:
                     raise WorkerError(f"worker {self.address} did not answer: {exc}") from exc
                 time.sleep(0.2)
 
+    def retarget(self, address: str | None) -> None:
+        """The worker moved (a replaced pod): the next open() connects to `address`. Safe to
+        call from any thread; the engine reopens when the old stream breaks."""
+        if address:
+            with self._target_lock:
+                self._target = address
+
     def open(self) -> None:
         """(Re)opens the Run stream and resets the worker's block ownership."""
         self.close()
+        with self._target_lock:
+            target = self._target
+        if target != self.address:
+            log.info("worker moved: %s -> %s", self.address, target)
+            self._channel.close()
+            self.address = target
+            self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         requests: queue.SimpleQueue[wpb.Command | None] = queue.SimpleQueue()
         self._requests = requests
         self._responses = self._stub.Run(iter(requests.get, None))

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
@@ -125,19 +123,17 @@ class Swapper:
         return SwapDone(job_id, False, True, "", data.nbytes, time.perf_counter() - started)
 
     def _get(self, job_id: str, block_ids: list[int], started: float) -> SwapDone:
+        expected = (len(block_ids), *self.cache.data.shape[1:])
         try:
-            found = self.client.get_bytes(self._key(job_id))
-            if found is None:
+            # Read straight into a (pinned, on CUDA) host tensor of the expected shape: one copy
+            # from the kvstore's shared memory, one to the device.
+            host = torch.empty(expected, dtype=self.cache.dtype, pin_memory=self._cuda)
+            meta = self.client.get_into(self._key(job_id), host.view(torch.uint8).numpy().data)
+            if meta is None:
                 return SwapDone(job_id, True, False, "blocks missing from the kvstore")
-            meta, data = found
-            expected = (len(block_ids), *self.cache.data.shape[1:])
             if tuple(meta.shape) != expected or _DTYPES.get(meta.dtype) != self.cache.dtype:
                 return SwapDone(job_id, True, False, f"kvstore holds {meta}, expected {expected}")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only shm views are fine
-                raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
-            blocks = raw.view(self.cache.dtype).reshape(expected)
-            self._copy_to_device(block_ids, blocks)
+            self._copy_to_device(block_ids, host)
         except Exception as exc:
             return SwapDone(job_id, True, False, f"swap-in failed: {exc}")
         self.forget([job_id])  # the device has it again; a later swap-out writes it anew
@@ -148,10 +144,8 @@ class Swapper:
             self.cache.write_blocks(block_ids, blocks)
             return
         assert self._copy_stream is not None
-        pinned = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
-        pinned.copy_(blocks)
         with torch.cuda.stream(self._copy_stream):
-            self.cache.write_blocks(block_ids, pinned.to(self.cache.device, non_blocking=True))
+            self.cache.write_blocks(block_ids, blocks.to(self.cache.device, non_blocking=True))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         event.synchronize()

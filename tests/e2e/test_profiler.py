@@ -71,3 +71,19 @@ def test_profiling_leaves_the_worker_with_no_blocks_held(worker, tmp_path):
     profiler.measure(link, info, max_batch_size=4, max_batched_tokens=512)
     result = link.execute(Decision(iteration_id=1, chunks=[], free_job_ids=[]))
     assert result.num_used_blocks == 0
+
+
+def test_worker_link_follows_a_moved_worker(worker):
+    """Discovery reports a replaced worker pod at a new address: the link reconnects there."""
+    from services.scheduler.discovery import StaticDiscovery
+
+    _, info = worker
+    real_address = worker[0].address
+    link = WorkerLink("127.0.0.1:1")  # where the old pod was: nothing listens
+    discovery = StaticDiscovery([real_address], None)
+    discovery.subscribe(lambda found: link.retarget(found.worker_addresses.get(0)))
+    link.retarget(discovery.worker_addresses()[0])
+    link.open()
+    assert link.address == real_address
+    assert link.wait_for_info(10).num_blocks == info.num_blocks
+    link.close()
