@@ -53,8 +53,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The policy benchmark (all policies side by side, tables and plots under docs/benchmarks).
 bench: install
-	$(PY) bench/iteration_overhead.py $(ARGS)
+	$(PY) bench/policies.py $(ARGS)
 
 docker:
 	docker build -f deploy/docker/Dockerfile -t fastserve:latest .

@@ -1,0 +1,98 @@
+"""Swap bandwidth of the worker's real path against a plain memcpy of the same bytes.
+
+For each size, one job's blocks go device pool -> kvstore (Swapper.swap_out) and back
+(Swapper.swap_in) through a kvstore server started here (same host: the shared-memory fast
+path; `--grpc` forces gRPC streaming), timed from the command to the reported completion.
+Next to it, in the same run: torch copies of the same bytes (pool -> host, host -> pool).
+Usage: .venv/bin/python bench/swap_bandwidth.py [--sizes-mib 1,4,16,64] [--grpc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from services.kvstore.server import serve
+from services.kvstore.shm import ShmArea
+from services.worker.kv_cache import KVCache
+from services.worker.swapper import Swapper
+
+ROUNDS = 5
+
+
+def wait(swapper: Swapper) -> list:
+    while True:
+        done = swapper.poll()
+        if done:
+            return done
+        time.sleep(0.0002)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument("--grpc", action="store_true", help="force gRPC instead of shm")
+    args = parser.parse_args()
+    shm = None if args.grpc else ShmArea("/dev/shm")
+    server, port = serve("127.0.0.1:0", capacity_bytes=1 << 34, shm=shm)
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64, blocks of 16 tokens (737 KiB a block).
+    block_mib = 30 * 2 * 16 * 3 * 64 * 4 / (1 << 20)
+    sizes = [float(s) for s in args.sizes_mib.split(",")]
+    num_blocks = int(max(sizes) / block_mib) * 2 + 2
+    cache = KVCache(
+        num_blocks=num_blocks, num_layers=30, block_size=16, num_kv_heads=3, head_dim=64,
+        dtype=torch.float32, device="cpu",
+    )  # fmt: skip
+    cache.data.normal_()
+    swapper = Swapper(cache, f"127.0.0.1:{port}")
+    if args.grpc:
+        swapper.client._shm_probed = True  # never use shm
+    print(f"path: {'grpc' if args.grpc else 'shm (same host)'}; block = {block_mib:.2f} MiB")
+    print("| MiB | swap out GB/s | swap in GB/s | memcpy out GB/s | memcpy in GB/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size in sizes:
+        n = max(1, round(size / block_mib))
+        src, dst = list(range(n)), list(range(n, 2 * n))
+        nbytes = n * cache.block_bytes
+        outs, ins, copy_out, copy_in = [], [], [], []
+        for r in range(ROUNDS):
+            job = f"bench-{size}-{r}"
+            started = time.perf_counter()
+            swapper.swap_out(job, src)
+            (done,) = wait(swapper)
+            assert done.ok, done.error
+            outs.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            swapper.swap_in(job, dst)
+            (done,) = wait(swapper)
+            assert done.ok, done.error
+            ins.append(time.perf_counter() - started)
+            assert torch.equal(cache.data[dst], cache.data[src])
+            started = time.perf_counter()
+            host = cache.read_blocks(src)
+            copy_out.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            cache.write_blocks(dst, host)
+            copy_in.append(time.perf_counter() - started)
+        gbps = [nbytes / statistics.median(t) / 1e9 for t in (outs, ins, copy_out, copy_in)]
+        ratio = (gbps[0] + gbps[1]) / (gbps[2] + gbps[3])
+        print(
+            f"| {nbytes / (1 << 20):.1f} | {gbps[0]:.2f} | {gbps[1]:.2f} | {gbps[2]:.2f} | "
+            f"{gbps[3]:.2f} | {ratio:.2f} |",
+            flush=True,
+        )
+    swapper.close()
+    server.stop(0)
+    if shm is not None:
+        shm.close()
+
+
+if __name__ == "__main__":
+    main()
