@@ -51,10 +51,7 @@ def test_defaults_come_from_the_profile():
         prefill_s=((1, 0.02), (1024, 0.5)), decode_s=((1, 0.02), (16, 0.015))
     )
     options = MlfqOptions.from_profile(profile, max_model_len=1024, max_batch_size=16)
-    # Charged its share: one token's share of a full-batch decode iteration.
-    assert options.base_quantum_s == pytest.approx(0.015 / 16)
-    whole = MlfqOptions.from_profile(profile, 1024, 16, charge="whole")
-    assert whole.base_quantum_s == pytest.approx(0.02)  # one lone decode iteration
+    assert options.base_quantum_s == pytest.approx(0.02)  # one lone decode iteration
     assert options.quanta[options.num_queues - 3] >= 0.5  # the last-but-two covers any prefill
     assert options.starvation_s == pytest.approx(200 * 0.015)
 

@@ -70,18 +70,10 @@ class MlfqOptions:
         max_batch_size: int,
         **overrides: Any,
     ) -> MlfqOptions:
-        """Defaults derived from the engine's speed: q0 is the service one decode token costs a
-        job (a lone decode iteration when every job is charged the whole iteration; its share
-        of a full-batch iteration when charged its share, so that both modes demote after the
-        same number of tokens under load); enough queues that the last quantum covers the
-        longest prefill, plus two for long decodes; the starvation threshold is 200 full-batch
-        decode iterations, clamped to [0.5, 5] s."""
-        per_token = (
-            profile.decode_time(1)
-            if overrides.get("charge", "share") == "whole"
-            else profile.chunk_cost(1, max_batch_size)
-        )
-        q0 = float(overrides.pop("base_quantum_s", per_token))
+        """Defaults derived from the engine's speed: q0 is one lone decode iteration; enough
+        queues that the last quantum covers the longest prefill, plus two for long decodes;
+        the starvation threshold is 200 full-batch decode iterations, clamped to [0.5, 5] s."""
+        q0 = float(overrides.pop("base_quantum_s", profile.decode_time(1)))
         ratio = float(overrides.pop("quantum_ratio", 2.0))
         longest = profile.prefill_time(max_model_len)
         needed = 1 + math.ceil(math.log(max(longest / q0, 1.0), max(ratio, 1.0001)))
