@@ -31,6 +31,7 @@ log = logging.getLogger("launcher")
 STOP_GRACE_S = 8.0
 MAX_RESTARTS = 5
 _PR_SET_PDEATHSIG = 1
+DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass
@@ -51,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--host", default="127.0.0.1", help="interface for the public port")
     add_flag(parser, "--grpc-port", type=int, default=50051, help="public gRPC port")
+    add_flag(
+        parser,
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"OpenAI-compatible HTTP port (unset: {DEFAULT_HTTP_PORT}, or a free one if that "
+        "is taken; 0: pick one; -1: no HTTP)",
+    )
     add_flag(parser, "--scheduler-port", type=int, default=0, help="0 picks a free port")
     add_flag(parser, "--worker-port", type=int, default=0, help="0 picks a free port")
     add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
@@ -97,6 +106,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def http_port(args: argparse.Namespace) -> int:
+    """The frontend's HTTP port: as asked, except that the unset default yields when busy."""
+    if args.http_port is None:
+        if port_is_free(DEFAULT_HTTP_PORT, args.host):
+            return DEFAULT_HTTP_PORT
+        return free_port(args.host)
+    return free_port(args.host) if args.http_port == 0 else args.http_port
+
+
 def plan(args: argparse.Namespace) -> list[Child]:
     """The four children and their command lines (the same entry points a container runs)."""
     local = "127.0.0.1"
@@ -105,6 +132,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
     sched_port = args.scheduler_port or free_port()
     level = ["--log-level", args.log_level]
     model = ["--model", args.model]
+    args.http_port = http_port(args)
     return [
         Child(
             "kvstore",
@@ -144,7 +172,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
             [
                 "frontend", "--host", args.host, "--port", str(args.grpc_port),
                 "--scheduler-address", f"{local}:{sched_port}", *model,
-                "--default-max-tokens", str(args.default_max_tokens), *level,
+                "--default-max-tokens", str(args.default_max_tokens),
+                "--http-port", str(args.http_port), *level,
             ],
             f"{args.host}:{args.grpc_port}",
         ),
@@ -250,8 +279,11 @@ def run(args: argparse.Namespace) -> int:
         if supervisor.stopping:
             return 0
         frontend = supervisor.children[-1]
+        http = (
+            f"HTTP http://{args.host}:{args.http_port} " if args.http_port >= 0 else ""
+        )  # "http://" keeps the address out of the per-service "name host:port" pairs
         print(
-            f"fastserve ready: gRPC {frontend.address} "
+            f"fastserve ready: gRPC {frontend.address} {http}"
             f"(model {args.model}; "
             + ", ".join(f"{c.name} {c.address}" for c in supervisor.children[:-1])
             + ")",

@@ -22,4 +22,3 @@ def tiny_tokenizer(tiny_model_dir):
     from services.common.model_source import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(str(tiny_model_dir)))
-

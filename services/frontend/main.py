@@ -1,4 +1,4 @@
-"""`fastserve frontend`: the public gRPC gateway."""
+"""`fastserve frontend`: the public gRPC gateway, and OpenAI-compatible HTTP beside it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,26 @@ import asyncio
 import logging
 import signal
 
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from services.common.flags import add_flag
-from services.common.grpc_server import bind, build_aio_server, set_health
+from services.common.grpc_server import GRPC_OPTIONS, AioErrorInterceptor, bind, set_health
 from services.common.lifecycle import announce_ready
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, resolve_model
+from services.frontend import auth
+from services.frontend.auth import ApiKeys, AuthInterceptor
+from services.frontend.generation import (
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    GenerationCore,
+    Limits,
+)
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.openai_http import OpenAIServer
 from services.frontend.scheduler_link import SchedulerLink
 from services.frontend.server import SERVICE_NAME, GenerationServicer
 from services.frontend.tokenizer import ModelTokenizer
@@ -31,6 +46,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1024,
         help="output cap when a request sets no max_tokens",
     )
+    add_flag(
+        parser,
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP port (0: pick one, -1: no HTTP)",
+    )
+    add_flag(
+        parser, "--max-body-bytes", type=int, default=1 << 20, help="largest HTTP request body"
+    )
+    add_flag(
+        parser,
+        "--max-prompt-chars",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_CHARS,
+        help="longest prompt, in characters, checked before tokenizing",
+    )
+    add_flag(
+        parser,
+        "--max-queued-requests",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="requests in flight before new ones get RESOURCE_EXHAUSTED / HTTP 429 (0: no bound)",
+    )
+    auth.add_arguments(parser)
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
 
@@ -40,8 +80,21 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args, model))
 
 
+def _build_grpc_server(keys: ApiKeys) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
+    """Like build_aio_server, with the API-key check ahead of the error interceptor."""
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(keys), AioErrorInterceptor()], options=GRPC_OPTIONS
+    )
+    health = grpc_health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return server, health
+
+
 async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
-    server, health = build_aio_server([SERVICE_NAME])
+    keys = ApiKeys.from_args(args)
+    server, health = _build_grpc_server(keys)
 
     pending: set[asyncio.Task] = set()
 
@@ -51,11 +104,29 @@ async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
         task.add_done_callback(pending.discard)
 
     link = SchedulerLink(args.scheduler_address, on_state=on_scheduler_state)
-    servicer = GenerationServicer(model, link, args.default_max_tokens)
+    metrics = FrontendMetrics(args.scheduler_address)
+    limits = Limits(
+        max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests
+    )
+    core = GenerationCore(model, link, args.default_max_tokens, limits, metrics)
+    servicer = GenerationServicer(core)
     server.add_generic_rpc_handlers([servicer.handlers()])
     port = bind(server, f"{args.host}:{args.port}")
     await set_health(health, [SERVICE_NAME], serving=False)
     await server.start()
+    http = None
+    if args.http_port >= 0:
+        http = OpenAIServer(
+            core,
+            keys,
+            metrics,
+            max_body_bytes=args.max_body_bytes,
+            is_ready=link.connected.is_set,
+        )
+        http_port = await http.start(args.host, args.http_port)
+        log.info("frontend: OpenAI-compatible HTTP on http://%s:%d", args.host, http_port)
+    if keys.enabled:
+        log.info("frontend: API keys required")
     link.start()
     await link.connected.wait()
     announce_ready("frontend", f"{args.host}:{port}")
@@ -67,6 +138,9 @@ async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
     await stopping.wait()
     log.info("frontend: stopping")
     await set_health(health, [SERVICE_NAME], serving=False)
+    if http is not None:
+        await http.stop()
     await server.stop(grace=2)
     await link.close()
+    await metrics.close()
     return 0

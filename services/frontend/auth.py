@@ -1,0 +1,102 @@
+"""Optional API keys for both public surfaces.
+
+Keys come from `--api-key` (repeatable), FASTSERVE_API_KEY (comma-separated) and
+`--api-key-file` (one key a line, `#` comments). With none configured, nothing is checked.
+Clients send `authorization: Bearer <key>`: an HTTP header, or gRPC metadata (the SDK does).
+Health, readiness, reflection and metrics stay open so probes and scrapers need no key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+ENV_VAR = "FASTSERVE_API_KEY"
+# gRPC methods anyone may call: health checks and reflection.
+OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"a key clients must send as a bearer token (repeatable) [env {ENV_VAR}, "
+        "comma-separated]",
+    )
+    parser.add_argument("--api-key-file", default=None, help="a file of keys, one a line")
+
+
+class ApiKeys:
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = [k.encode() for k in keys if k]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ApiKeys:
+        keys = list(args.api_key or [])
+        keys += [k.strip() for k in os.environ.get(ENV_VAR, "").split(",")]
+        if args.api_key_file:
+            for line in Path(args.api_key_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether an `authorization` header / metadata value carries a valid key."""
+        if not self._keys:
+            return True
+        if not authorization:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode("utf-8", "replace")
+        # Compare against every key in constant time so timing does not reveal which matched.
+        return any([hmac.compare_digest(given, key) for key in self._keys])
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid key with UNAUTHENTICATED (health and reflection stay open)."""
+
+    def __init__(self, keys: ApiKeys) -> None:
+        self._keys = keys
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if not self._keys.enabled or method.startswith(OPEN_GRPC_PREFIXES):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if self._keys.allows(metadata.get("authorization")):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _refusing(handler)
+
+
+def _refusing(handler):
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+        yield  # pragma: no cover (makes this an async generator)
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(unary)
+    if handler.unary_stream or handler.stream_stream:
+        return handler._replace(
+            unary_stream=stream if handler.unary_stream else None,
+            stream_stream=stream if handler.stream_stream else None,
+        )
+    return handler._replace(
+        unary_unary=unary if handler.unary_unary else None,
+        stream_unary=unary if handler.stream_unary else None,
+    )

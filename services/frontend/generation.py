@@ -1,0 +1,208 @@
+"""The generation core both public surfaces share (gRPC `Generate` and the OpenAI HTTP routes).
+
+A surface turns its wire request into token ids and a `SamplingRequest`; `prepare` applies the
+context and prompt limits, and `generate` submits the job to the scheduler and yields `Delta`s:
+text and token ids as they are detokenized (stop strings held back and cut), job state changes,
+and a last delta with the finish reason and usage. Closing the generator early (a client that
+went away) cancels the job, so its KV blocks are freed at the scheduler's next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastserve.scheduler.v1 import scheduler_pb2 as spb
+from services.common.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from services.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.frontend.scheduler_link import LinkLost, SchedulerLink
+from services.frontend.tokenizer import ModelTokenizer
+from services.frontend.validation import SamplingRequest, resolve_max_tokens
+
+FINISH_REASONS = {
+    spb.FINISH_REASON_STOP: "stop",
+    spb.FINISH_REASON_LENGTH: "length",
+    spb.FINISH_REASON_CANCELLED: "aborted",
+    spb.FINISH_REASON_ABORTED: "aborted",
+}
+STATES = {
+    spb.EVENT_KIND_QUEUED: "queued",
+    spb.EVENT_KIND_PREEMPTED: "preempted",
+    spb.EVENT_KIND_RESUMED: "running",
+}
+
+
+DEFAULT_MAX_PROMPT_CHARS = 1 << 20
+DEFAULT_MAX_QUEUED_REQUESTS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request and server-wide bounds on what a client may ask for."""
+
+    # Checked before tokenizing, so a giant prompt costs little.
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    # Requests in flight (waiting or running); 0 = no bound.
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request ready to submit: token ids and settled sampling."""
+
+    prompt_ids: list[int]
+    sampling: SamplingRequest
+    max_tokens: int  # the resolved output budget
+    priority: int = 0  # accepted from clients; informational for now (not sent to the scheduler)
+
+
+@dataclass(slots=True)
+class Delta:
+    """One step of a generation as a surface sees it."""
+
+    job_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    state: str | None = None  # "queued", "preempted" or "running" when the job's state changed
+    queue_level: int = 0
+    finish_reason: str | None = None  # "stop", "length" or "aborted" on the last delta
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+
+
+class GenerationCore:
+    def __init__(
+        self,
+        model: ModelTokenizer,
+        link: SchedulerLink,
+        default_max_tokens: int,
+        limits: Limits | None = None,
+        metrics=None,  # services.frontend.metrics.FrontendMetrics, or None
+    ) -> None:
+        self.model = model
+        self.link = link
+        self.default_max_tokens = default_max_tokens
+        self.limits = limits or Limits()
+        self.metrics = metrics
+        self.num_in_flight = 0
+
+    def check_prompt_chars(self, name: str, num_chars: int) -> None:
+        if num_chars > self.limits.max_prompt_chars:
+            raise InvalidArgumentError(
+                name, f"{num_chars} characters exceed the limit of {self.limits.max_prompt_chars}"
+            )
+
+    def prepare(
+        self, prompt_ids: list[int], sampling: SamplingRequest, priority: int = 0
+    ) -> PreparedRequest:
+        if not prompt_ids:
+            raise InvalidArgumentError("prompt", "tokenizes to no tokens")
+        max_tokens = resolve_max_tokens(
+            sampling.max_tokens, len(prompt_ids), self.model.max_model_len, self.default_max_tokens
+        )
+        return PreparedRequest(prompt_ids, sampling, max_tokens, priority)
+
+    def can_admit(self) -> bool:
+        bound = self.limits.max_queued_requests
+        return bound <= 0 or self.num_in_flight < bound
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[Delta]:
+        """Runs one job; raises ServiceError subclasses (queue full, scheduler gone, rejected)."""
+        if not self.can_admit():
+            raise ResourceExhaustedError(
+                f"{self.num_in_flight} requests in flight, the limit; retry later"
+            )
+        job_id = uuid.uuid4().hex
+        sampling = request.sampling
+        submit = spb.Submit(
+            job_id=job_id,
+            prompt_token_ids=request.prompt_ids,
+            max_tokens=request.max_tokens,
+            stop_token_ids=sorted(self.model.stop_token_ids),
+            ignore_eos=sampling.ignore_eos,
+            sampling=spb.SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed or 0,
+                has_seed=sampling.seed is not None,
+            ),
+        )
+        try:
+            events = self.link.submit(submit)
+        except LinkLost as exc:
+            raise UnavailableError(str(exc)) from exc
+        self.num_in_flight += 1
+        timer = _Timer()
+        detokenizer = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
+        stops = StopStringMatcher(sampling.stop)
+        num_generated = 0
+        finish_reason = "error"
+        try:
+            while True:
+                batch = await events.get()
+                if isinstance(batch, LinkLost):
+                    raise UnavailableError(f"{batch}; retry the request")
+                delta = Delta(job_id)
+                for event in batch:
+                    if event.kind == spb.EVENT_KIND_REJECTED:
+                        name, _, problem = event.error.partition(": ")
+                        raise InvalidArgumentError(name, problem)
+                    state = STATES.get(event.kind)
+                    if state is not None:
+                        yield Delta(job_id, state=state, queue_level=event.queue_level)
+                        continue
+                    if event.token_ids and num_generated == 0:
+                        timer.first_token()
+                    num_generated += len(event.token_ids)
+                    delta.token_ids.extend(event.token_ids)
+                    finished = event.kind == spb.EVENT_KIND_FINISHED
+                    text = detokenizer.add(event.token_ids)
+                    if finished:
+                        text += detokenizer.flush()
+                    delta.text += stops.feed(text, final=finished)
+                    if stops.stopped:
+                        self.link.cancel(job_id)
+                        delta.finish_reason = "stop"
+                    elif finished:
+                        self.link.forget(job_id)
+                        delta.finish_reason = FINISH_REASONS.get(event.finish_reason, "aborted")
+                    if delta.finish_reason:
+                        break
+                if delta.finish_reason:
+                    finish_reason = delta.finish_reason
+                    delta.num_prompt_tokens = len(request.prompt_ids)
+                    delta.num_completion_tokens = num_generated
+                    yield delta
+                    return
+                if delta.text or delta.token_ids:
+                    yield delta
+        except (GeneratorExit, asyncio.CancelledError):
+            finish_reason = "cancelled"
+            raise
+        finally:
+            self.num_in_flight -= 1
+            if finish_reason in ("error", "cancelled"):  # the client went away, or an error
+                self.link.cancel(job_id)
+            if self.metrics is not None:
+                self.metrics.observe_request(finish_reason, timer, num_generated)
+
+
+class _Timer:
+    """Wall times of one request, for the latency histograms."""
+
+    __slots__ = ("first_token_s", "start_s")
+
+    def __init__(self) -> None:
+        self.start_s = time.monotonic()
+        self.first_token_s: float | None = None
+
+    def first_token(self) -> None:
+        self.first_token_s = time.monotonic()
