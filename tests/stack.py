@@ -66,7 +66,9 @@ class Stack:
         argv = [
             sys.executable, "-m", "services.cli", "up", "--model", str(model),
             "--grpc-port", str(port), "--scheduler-port", str(sched_port),
-            "--log-level", "warning", *flags,
+            "--log-level", "warning",
+            # A free HTTP port unless the caller names one: stacks start side by side.
+            *(() if "--http-port" in flags else ("--http-port", "0")), *flags,
         ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         process = subprocess.Popen(
