@@ -50,7 +50,13 @@ class Swapper:
         self.client = KVStoreClient(kvstore_address)
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="swap")
         self._in_flight: list[Future[SwapDone]] = []
-        self._stored: set[str] = set()  # jobs with a copy in the kvstore
+        # Each swap-out writes a new generation of the job's value (BlockKey.block_id), and
+        # deletes name one generation: a late delete of an old copy, running on another
+        # thread, can never remove the copy a newer swap-out just wrote.
+        self._next_generation = 0  # unique over the process, so never reused by any job
+        self._putting: set[str] = set()  # jobs whose swap-out is writing
+        self._dropped: set[str] = set()  # of those, jobs forgotten meanwhile
+        self._stored: dict[str, int] = {}  # job -> generation held in the kvstore
         self._lock = threading.Lock()
         self._cuda = cache.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(cache.device) if self._cuda else None
@@ -59,17 +65,27 @@ class Swapper:
     def num_in_flight(self) -> int:
         return sum(1 for future in self._in_flight if not future.done())
 
-    def _key(self, job_id: str) -> BlockKey:
-        return BlockKey(job_id=job_id, stage_index=self.stage_index, block_id=0)
+    def _key(self, job_id: str, generation: int) -> BlockKey:
+        return BlockKey(job_id=job_id, stage_index=self.stage_index, block_id=generation)
 
     def swap_out(self, job_id: str, block_ids: Sequence[int]) -> None:
         started = time.perf_counter()
+        with self._lock:
+            generation = self._next_generation
+            self._next_generation += 1
+            self._putting.add(job_id)
         host, ready = self._copy_to_host(block_ids)
-        self._in_flight.append(self._pool.submit(self._put, job_id, host, ready, started))
+        self._in_flight.append(
+            self._pool.submit(self._put, job_id, generation, host, ready, started)
+        )
 
     def swap_in(self, job_id: str, block_ids: Sequence[int]) -> None:
         started = time.perf_counter()
-        self._in_flight.append(self._pool.submit(self._get, job_id, list(block_ids), started))
+        with self._lock:
+            generation = self._stored.get(job_id, -1)
+        self._in_flight.append(
+            self._pool.submit(self._get, job_id, generation, list(block_ids), started)
+        )
 
     def poll(self) -> list[SwapDone]:
         """Swaps finished since the last poll."""
@@ -80,10 +96,11 @@ class Swapper:
     def forget(self, job_ids: Iterable[str]) -> None:
         """Drops the kvstore copies of jobs that finished or were recomputed (background)."""
         with self._lock:
-            stored = [job_id for job_id in job_ids if job_id in self._stored]
-            self._stored.difference_update(stored)
-        for job_id in stored:
-            self._pool.submit(self._delete, job_id)
+            job_ids = list(job_ids)
+            stored = [(j, self._stored.pop(j)) for j in job_ids if j in self._stored]
+            self._dropped.update(j for j in job_ids if j in self._putting)
+        for job_id, generation in stored:
+            self._pool.submit(self._delete, job_id, generation)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -105,7 +122,9 @@ class Swapper:
             event.record(self._copy_stream)
         return host, event
 
-    def _put(self, job_id: str, host: torch.Tensor, ready, started: float) -> SwapDone:
+    def _put(
+        self, job_id: str, generation: int, host: torch.Tensor, ready, started: float
+    ) -> SwapDone:
         try:
             if ready is not None:
                 ready.synchronize()
@@ -113,22 +132,35 @@ class Swapper:
             meta = TensorMeta(
                 dtype=_DTYPE_NAMES[host.dtype], shape=tuple(host.shape), total_bytes=data.nbytes
             )
-            self.client.put_bytes(self._key(job_id), meta, memoryview(data))
+            self.client.put_bytes(self._key(job_id, generation), meta, memoryview(data))
         except StoreFullError as exc:
+            self._end_put(job_id, None)
             return SwapDone(job_id, False, False, f"kvstore full: {exc}")
         except Exception as exc:  # the kvstore is down or refused: the job is recomputed
+            self._end_put(job_id, None)
             return SwapDone(job_id, False, False, f"swap-out failed: {exc}")
-        with self._lock:
-            self._stored.add(job_id)
+        if self._end_put(job_id, generation):  # the job ended meanwhile: nobody reads this
+            self._delete(job_id, generation)
         return SwapDone(job_id, False, True, "", data.nbytes, time.perf_counter() - started)
 
-    def _get(self, job_id: str, block_ids: list[int], started: float) -> SwapDone:
+    def _end_put(self, job_id: str, generation: int | None) -> bool:
+        """Records a finished swap-out; True when the job was forgotten while it ran."""
+        with self._lock:
+            self._putting.discard(job_id)
+            dropped = job_id in self._dropped
+            self._dropped.discard(job_id)
+            if generation is not None and not dropped:
+                self._stored[job_id] = generation
+        return dropped
+
+    def _get(self, job_id: str, generation: int, block_ids: list[int], started: float) -> SwapDone:
         expected = (len(block_ids), *self.cache.data.shape[1:])
         try:
             # Read straight into a (pinned, on CUDA) host tensor of the expected shape: one copy
             # from the kvstore's shared memory, one to the device.
             host = torch.empty(expected, dtype=self.cache.dtype, pin_memory=self._cuda)
-            meta = self.client.get_into(self._key(job_id), host.view(torch.uint8).numpy().data)
+            key = self._key(job_id, generation)
+            meta = self.client.get_into(key, host.view(torch.uint8).numpy().data)
             if meta is None:
                 return SwapDone(job_id, True, False, "blocks missing from the kvstore")
             if tuple(meta.shape) != expected or _DTYPES.get(meta.dtype) != self.cache.dtype:
@@ -136,7 +168,11 @@ class Swapper:
             self._copy_to_device(block_ids, host)
         except Exception as exc:
             return SwapDone(job_id, True, False, f"swap-in failed: {exc}")
-        self.forget([job_id])  # the device has it again; a later swap-out writes it anew
+        # The device has it again; drop this copy (a later swap-out writes a new generation).
+        with self._lock:
+            if self._stored.get(job_id) == generation:
+                del self._stored[job_id]
+        self._delete(job_id, generation)
         return SwapDone(job_id, True, True, "", meta.total_bytes, time.perf_counter() - started)
 
     def _copy_to_device(self, block_ids: list[int], blocks: torch.Tensor) -> None:
@@ -150,8 +186,8 @@ class Swapper:
             event.record(self._copy_stream)
         event.synchronize()
 
-    def _delete(self, job_id: str) -> None:
+    def _delete(self, job_id: str, generation: int) -> None:
         try:
-            self.client.delete_job(job_id)
+            self.client.delete(self._key(job_id, generation))
         except Exception as exc:  # a lost kvstore has nothing to delete
             log.debug("kvstore delete of %s failed: %s", job_id, exc)

@@ -174,8 +174,12 @@ class KvMemory:
             return
         waiting = [job for job in plan.order if job.kv_state is KvState.HOST]
         waiting.sort(key=lambda job: plan.enst(job))
+        # Hysteresis: leave room for the running jobs' next blocks on top of the reserve, or
+        # the next iteration's growth pushes free blocks under the reserve and keep_reserve
+        # swaps straight back out what was just prefetched.
+        headroom = self.config.reserve_blocks + len(plan.chunks)
         for job in waiting:
-            if self.blocks.num_free_blocks - job.num_host_blocks < self.config.reserve_blocks:
+            if self.blocks.num_free_blocks - job.num_host_blocks < headroom:
                 break
             self.blocks.allocate_blocks(job, job.num_host_blocks)
             job.kv_state = KvState.SWAPPING_IN
