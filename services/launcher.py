@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
     add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--host", default="127.0.0.1", help="interface for the public port")
-    add_flag(parser, "--grpc-port", type=int, default=50051, help="public gRPC port")
+    add_flag(parser, "--grpc-port", type=int, default=50051, help="public gRPC port (0 picks one)")
     add_flag(
         parser,
         "--http-port",
@@ -100,10 +100,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+class PortReservations:
+    """Free ports picked by the launcher and held until it exits.
+
+    A port found free and released is a race: another process can take it before the child
+    binds it (CI saw two services handed the same port). A reservation keeps a bound, not
+    listening, socket with SO_REUSEPORT open, so the kernel gives the port to nobody else, while
+    the child (started with `--reuse-port`) can still bind and listen on it.
+    """
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+
+    def pick(self, host: str = "127.0.0.1") -> int:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        self._sockets.append(sock)
+        return int(sock.getsockname()[1])
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -115,30 +134,32 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def http_port(args: argparse.Namespace) -> int:
+def http_port(args: argparse.Namespace, ports: PortReservations) -> int:
     """The frontend's HTTP port: as asked, except that the unset default yields when busy."""
     if args.http_port is None:
         if port_is_free(DEFAULT_HTTP_PORT, args.host):
             return DEFAULT_HTTP_PORT
-        return free_port(args.host)
-    return free_port(args.host) if args.http_port == 0 else args.http_port
+        return ports.pick(args.host)
+    return ports.pick(args.host) if args.http_port == 0 else int(args.http_port)
 
 
-def plan(args: argparse.Namespace) -> list[Child]:
-    """The four children and their command lines (the same entry points a container runs)."""
+def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
+    """The four children and their command lines (the same entry points a container runs).
+    Ports given as 0 are picked and held in `ports`; `args` is updated with the picks."""
     local = "127.0.0.1"
-    kv_port = args.kvstore_port or free_port()
-    worker_port = args.worker_port or free_port()
-    sched_port = args.scheduler_port or free_port()
-    level = ["--log-level", args.log_level]
+    kv_port = args.kvstore_port or ports.pick()
+    worker_port = args.worker_port or ports.pick()
+    sched_port = args.scheduler_port or ports.pick()
+    args.grpc_port = args.grpc_port or ports.pick(args.host)
+    args.http_port = http_port(args, ports)
+    common = ["--log-level", args.log_level, "--reuse-port"]
     model = ["--model", args.model]
-    args.http_port = http_port(args)
     return [
         Child(
             "kvstore",
             [
                 "kvstore", "--port", str(kv_port), "--backend", args.kvstore_backend,
-                "--capacity-bytes", str(args.kvstore_capacity_bytes), *level,
+                "--capacity-bytes", str(args.kvstore_capacity_bytes), *common,
             ],
             f"{local}:{kv_port}",
             restartable=True,
@@ -150,7 +171,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 "--load-format", args.load_format, "--device", args.device,
                 "--dtype", args.dtype, "--block-size", str(args.block_size),
                 "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
-                "--kvstore-address", f"{local}:{kv_port}", *level,
+                "--kvstore-address", f"{local}:{kv_port}", *common,
             ],
             f"{local}:{worker_port}",
         ),
@@ -163,7 +184,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--swap-cost-scale", str(args.swap_cost_scale),
                 "--max-batch-size", str(args.max_batch_size),
-                "--max-batched-tokens", str(args.max_batched_tokens), *level,
+                "--max-batched-tokens", str(args.max_batched_tokens), *common,
             ],
             f"{local}:{sched_port}",
         ),
@@ -173,7 +194,7 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 "frontend", "--host", args.host, "--port", str(args.grpc_port),
                 "--scheduler-address", f"{local}:{sched_port}", *model,
                 "--default-max-tokens", str(args.default_max_tokens),
-                "--http-port", str(args.http_port), *level,
+                "--http-port", str(args.http_port), *common,
             ],
             f"{args.host}:{args.grpc_port}",
         ),
@@ -265,7 +286,8 @@ class Supervisor:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("launcher", args.log_level)
-    supervisor = Supervisor(plan(args))
+    ports = PortReservations()
+    supervisor = Supervisor(plan(args, ports))
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     supervisor.start()
@@ -302,3 +324,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         supervisor.stop_all()
+        ports.close()

@@ -54,19 +54,17 @@ def pid_alive(pid: int) -> bool:
 @dataclass
 class Stack:
     process: subprocess.Popen
-    address: str
-    scheduler_address: str
     output: list[str] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)  # service name -> host:port
     _reader: threading.Thread | None = None
 
     @classmethod
     def start(cls, model: str | Path, *flags: str) -> Stack:
-        port, sched_port = free_port(), free_port()
+        # Port 0: the launcher picks every port and holds it until its child binds it (ports
+        # picked here and released would race with the stacks that start side by side).
         argv = [
             sys.executable, "-m", "services.cli", "up", "--model", str(model),
-            "--grpc-port", str(port), "--scheduler-port", str(sched_port),
-            "--log-level", "warning",
+            "--grpc-port", "0", "--log-level", "warning",
             # A free HTTP port unless the caller names one: stacks start side by side.
             *(() if "--http-port" in flags else ("--http-port", "0")), *flags,
         ]  # fmt: skip
@@ -74,7 +72,7 @@ class Stack:
         process = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        stack = cls(process, f"127.0.0.1:{port}", f"127.0.0.1:{sched_port}")
+        stack = cls(process)
         ready = threading.Event()
 
         def read() -> None:
@@ -83,8 +81,7 @@ class Stack:
                 stack.output.append(line)
                 if "fastserve ready" in line:
                     stack.addresses = dict(re.findall(r"(\w+) (\d+\.\d+\.\d+\.\d+:\d+)", line))
-                    stack.addresses.pop("gRPC", None)
-                    stack.addresses["frontend"] = stack.address
+                    stack.addresses["frontend"] = stack.addresses.pop("gRPC")
                     ready.set()
 
         stack._reader = threading.Thread(target=read, daemon=True)
@@ -95,6 +92,15 @@ class Stack:
                 stack.stop()
                 raise RuntimeError("fastserve up failed:\n" + "".join(stack.output[-60:]))
         return stack
+
+    @property
+    def address(self) -> str:
+        """The frontend's public gRPC address."""
+        return self.addresses["frontend"]
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.addresses["scheduler"]
 
     def child_pids(self) -> list[int]:
         return child_pids(self.process.pid)

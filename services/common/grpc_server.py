@@ -27,6 +27,24 @@ GRPC_OPTIONS = [
 ]
 
 
+def server_options(*, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel options for a server. A busy port is an error (SO_REUSEPORT off) unless
+    `reuse_port`: then the server joins a port that its launcher reserved and still holds, so no
+    other process can take the port between the launcher's pick and the child's bind."""
+    return [*GRPC_OPTIONS[:-1], ("grpc.so_reuseport", int(reuse_port))]
+
+
+def add_reuse_port_flag(parser) -> None:
+    from services.common.flags import add_flag
+
+    add_flag(
+        parser,
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, joining a port reserved by `fastserve up`",
+    )
+
+
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
@@ -128,7 +146,7 @@ def _full_names(service_names: Iterable[str]) -> list[str]:
 
 
 def build_server(
-    service_names: Sequence[str], *, max_workers: int = 32
+    service_names: Sequence[str], *, max_workers: int = 32, reuse_port: bool = False
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A sync server with the error interceptor, health (NOT_SERVING until `mark_serving`) and
     reflection. Add servicers, bind, start, then call `mark_serving`."""
@@ -137,7 +155,7 @@ def build_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorInterceptor()],
-        options=GRPC_OPTIONS,
+        options=server_options(reuse_port=reuse_port),
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -147,10 +165,12 @@ def build_server(
 
 
 def build_aio_server(
-    service_names: Sequence[str],
+    service_names: Sequence[str], *, reuse_port: bool = False
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The asyncio twin of `build_server`."""
-    server = grpc.aio.server(interceptors=[AioErrorInterceptor()], options=GRPC_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[AioErrorInterceptor()], options=server_options(reuse_port=reuse_port)
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(_full_names(service_names), server)

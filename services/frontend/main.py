@@ -13,7 +13,13 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.flags import add_flag
-from services.common.grpc_server import GRPC_OPTIONS, AioErrorInterceptor, bind, set_health
+from services.common.grpc_server import (
+    AioErrorInterceptor,
+    add_reuse_port_flag,
+    bind,
+    server_options,
+    set_health,
+)
 from services.common.lifecycle import announce_ready
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, resolve_model
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
     add_flag(parser, "--port", type=int, default=50051, help="public gRPC port (0: pick one)")
+    add_reuse_port_flag(parser)
     add_flag(parser, "--scheduler-address", default="127.0.0.1:50052", help="the scheduler")
     add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
     add_flag(
@@ -80,10 +87,13 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args, model))
 
 
-def _build_grpc_server(keys: ApiKeys) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
+def _build_grpc_server(
+    keys: ApiKeys, *, reuse_port: bool
+) -> tuple[grpc.aio.Server, grpc_health.aio.HealthServicer]:
     """Like build_aio_server, with the API-key check ahead of the error interceptor."""
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(keys), AioErrorInterceptor()], options=GRPC_OPTIONS
+        interceptors=[AuthInterceptor(keys), AioErrorInterceptor()],
+        options=server_options(reuse_port=reuse_port),
     )
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -94,7 +104,7 @@ def _build_grpc_server(keys: ApiKeys) -> tuple[grpc.aio.Server, grpc_health.aio.
 
 async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
     keys = ApiKeys.from_args(args)
-    server, health = _build_grpc_server(keys)
+    server, health = _build_grpc_server(keys, reuse_port=args.reuse_port)
 
     pending: set[asyncio.Task] = set()
 
@@ -123,7 +133,7 @@ async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
             max_body_bytes=args.max_body_bytes,
             is_ready=link.connected.is_set,
         )
-        http_port = await http.start(args.host, args.http_port)
+        http_port = await http.start(args.host, args.http_port, reuse_port=args.reuse_port)
         log.info("frontend: OpenAI-compatible HTTP on http://%s:%d", args.host, http_port)
     if keys.enabled:
         log.info("frontend: API keys required")

@@ -98,13 +98,14 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Serves on host:port (0 picks one); returns the bound port."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Serves on host:port (0 picks one); returns the bound port. `reuse_port` joins a port
+        that the launcher reserved (see `server_options`)."""
         self._runner = web.AppRunner(
             self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         server = site._server
         return server.sockets[0].getsockname()[1] if server and server.sockets else port

@@ -8,6 +8,7 @@ import logging
 import redis
 
 from services.common.flags import add_flag
+from services.common.grpc_server import add_reuse_port_flag
 from services.common.lifecycle import GRACE_S, announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.kvstore.backend import KVBackend, MemoryBackend
@@ -25,6 +26,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="address to listen on")
     add_flag(parser, "--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one")
+    add_reuse_port_flag(parser)
     add_flag(
         parser,
         "--capacity-bytes",
@@ -91,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
             log.warning("shared-memory fast path off: %s", exc)
     try:
         server, port = serve(
-            f"{_url_host(args.host)}:{args.port}", args.capacity_bytes, backend=backend, shm=shm
+            f"{_url_host(args.host)}:{args.port}",
+            args.capacity_bytes,
+            backend=backend,
+            shm=shm,
+            reuse_port=args.reuse_port,
         )
     except BaseException:
         _close(backend, shm)

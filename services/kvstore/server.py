@@ -311,10 +311,12 @@ def serve(
     capacity_bytes: int,
     backend: KVBackend | None = None,
     shm: ShmArea | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.Server, int]:
     """Builds, binds and starts the server and marks it healthy; returns it and its port. The
     caller closes `backend` and `shm` after stopping the server."""
-    server, health_servicer = build_server([SERVICE_NAME])
+    server, health_servicer = build_server([SERVICE_NAME], reuse_port=reuse_port)
     store = backend if backend is not None else MemoryBackend(capacity_bytes)
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, shm), server)
     port = bind(server, address)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.flags import add_flag
-from services.common.grpc_server import bind, build_server, set_health
+from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.scheduler.core import SchedulerConfig, SchedulerCore
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
     add_flag(parser, "--port", type=int, default=50052, help="gRPC port (0 picks a free one)")
+    add_reuse_port_flag(parser)
     add_flag(parser, "--worker-address", default="127.0.0.1:50061", help="worker stage 0")
     add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
     add_policy_arguments(parser)
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("kv policy %s needs a worker with a kvstore; recomputing", args.kv_policy)
     engine = Engine(SchedulerCore(config, policy, profile=profile), worker)
     engine.start()
-    server, health = build_server([SERVICE_NAME])
+    server, health = build_server([SERVICE_NAME], reuse_port=args.reuse_port)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
         SchedulerServicer(engine, args.policy, info.block_size, args.kv_policy), server
     )

@@ -10,7 +10,7 @@ import torch
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
 from services.common.flags import add_flag
-from services.common.grpc_server import bind, build_server, set_health
+from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import (
@@ -33,6 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
     add_flag(parser, "--port", type=int, default=50061, help="gRPC port (0 picks a free one)")
+    add_reuse_port_flag(parser)
     add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
     add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         args.block_size,
         info.device,
     )
-    server, health = build_server([SERVICE_NAME], max_workers=8)
+    server, health = build_server([SERVICE_NAME], max_workers=8, reuse_port=args.reuse_port)
     servicer = WorkerServicer(Executor(runner, swapper), info)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")

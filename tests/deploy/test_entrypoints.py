@@ -12,8 +12,8 @@ import tomllib
 import pytest
 
 from services.cli import COMMANDS
+from services.launcher import PortReservations, plan
 from services.launcher import add_arguments as add_launcher_arguments
-from services.launcher import plan
 from services.scheduler.discovery import add_discovery_arguments
 from tests.deploy.chart import (
     DOCKERFILE,
@@ -47,7 +47,11 @@ def launcher_argv() -> dict[str, list[str]]:
     parser = argparse.ArgumentParser()
     add_launcher_arguments(parser)
     ports = ["--scheduler-port", "50052", "--worker-port", "50061", "--kvstore-port", "50071"]
-    return {child.name: child.argv for child in plan(parser.parse_args(ports))}
+    reservations = PortReservations()  # only the HTTP port is picked
+    try:
+        return {c.name: c.argv for c in plan(parser.parse_args(ports), reservations)}
+    finally:
+        reservations.close()
 
 
 def dockerfile_entrypoint() -> list[str]:

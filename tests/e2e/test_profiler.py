@@ -10,20 +10,22 @@ import pytest
 
 from services.scheduler import profiler
 from services.scheduler.worker_link import WorkerLink
-from tests.stack import ROOT, free_port
+from tests.stack import ROOT
 
 pytestmark = [pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_model_dir):
-    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "worker", "--model", str(tiny_model_dir),
-         "--port", str(port), "--num-blocks", "128", "--log-level", "warning"],
-        cwd=ROOT,
+         "--port", "0", "--num-blocks", "128", "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    link = WorkerLink(f"127.0.0.1:{port}")
+    assert process.stdout is not None
+    ready = process.stdout.readline()  # "worker ready on HOST:PORT", or "" if it died
+    assert "worker ready on" in ready, f"the worker did not start: {ready!r}"
+    link = WorkerLink(ready.split()[-1])
     try:
         info = link.wait_for_info(120)
         link.open()

