@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from services.worker.batch import SeqChunk
 from services.worker.model_runner import ModelRunner
+from services.worker.pipeline import StageGroup
 from services.worker.swapper import SwapDone, Swapper
 
 
@@ -21,14 +22,22 @@ class CommandError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
-    tokens: list[tuple[str, int]]  # (job id, sampled token) for seqs that sampled
-    forward_s: float
+    tokens: list[tuple[str, int]]  # (job id, sampled token) for seqs that sampled (last stage)
+    forward_s: float  # this stage's compute, without the wait for the previous stage
+    wait_s: float = 0.0  # waiting for the previous stage's activations
 
 
 class Executor:
-    def __init__(self, runner: ModelRunner, swapper: Swapper | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        swapper: Swapper | None = None,
+        stages: StageGroup | None = None,
+    ) -> None:
+        """`stages`: this worker is one of several pipeline stages (None: the whole model)."""
         self.runner = runner
         self.swapper = swapper
+        self.stages = stages
         self._owner: dict[int, str] = {}  # block id -> job id
         self._blocks_of: dict[str, set[int]] = {}
 
@@ -90,22 +99,53 @@ class Executor:
             self._owner[block_id] = job_id
             blocks.add(block_id)
 
-    def reset(self) -> None:
+    def reset(self, pipeline_id: str = "") -> None:
+        """Forgets every job's blocks; with pipeline stages, (re)forms the stage group."""
         if self.swapper is not None:
             self.swapper.poll()  # results for a previous scheduler connection: stale
         self._owner.clear()
         self._blocks_of.clear()
         self.runner.reset()
+        if self.stages is not None:
+            self.stages.form(pipeline_id)
 
     def step(self, seqs: Sequence[SeqChunk]) -> StepOutput:
         if not seqs:
             return StepOutput(tokens=[], forward_s=0.0)
         self._claim(seqs)
+        if self.stages is not None:
+            return self._stage_step(seqs, self.stages)
         started = time.perf_counter()
         sampled = self.runner.step(seqs)
         forward_s = time.perf_counter() - started
         tokens = [(seq.job_id, tok) for seq, tok in zip(seqs, sampled, strict=True) if seq.sample]
         return StepOutput(tokens=[(j, t) for j, t in tokens if t is not None], forward_s=forward_s)
+
+    def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup) -> StepOutput:
+        """This stage's share of a step: embed or receive, run its layers, then send on or
+        sample. Every stage builds the same step inputs from the same command."""
+        runner = self.runner
+        started = time.perf_counter()
+        inputs = runner.prepare(seqs)
+        wait_s = 0.0
+        if stages.is_first:
+            hidden = runner.embed(inputs)
+        else:
+            waiting = time.perf_counter()
+            hidden = stages.recv_previous(
+                len(inputs.token_ids), runner.hidden_size, runner.kv_cache.dtype
+            )
+            wait_s = time.perf_counter() - waiting
+        hidden = runner.run_layers(hidden, inputs)
+        tokens: list[tuple[str, int]] = []
+        if not stages.is_last:
+            stages.send_next(hidden)
+        elif inputs.sample_seqs:
+            sampled = runner.sample(runner.compute_logits(hidden, inputs), inputs)
+            pairs = zip(inputs.sample_seqs, sampled, strict=True)
+            tokens = [(seqs[i].job_id, token) for i, token in pairs]
+        forward_s = time.perf_counter() - started - wait_s
+        return StepOutput(tokens=tokens, forward_s=forward_s, wait_s=wait_s)
 
     def _claim(self, seqs: Sequence[SeqChunk]) -> None:
         block_size = self.runner.block_size

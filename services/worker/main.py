@@ -1,4 +1,4 @@
-"""`fastserve worker`: one model-shard worker (a pipeline stage; one stage for now)."""
+"""`fastserve worker`: one model-shard worker, the whole model or one pipeline stage."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from services.common.model_source import (
 )
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
+from services.worker.pipeline import BACKENDS, StageGroup
 from services.worker.server import SERVICE_NAME, WorkerServicer
+from services.worker.stage_layout import parse_layer_split, split_layers
 from services.worker.swapper import Swapper
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "--kvstore-address", default="", help="kvstore for swapping (empty: no swapping)"
     )
     add_flag(parser, "--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_flag(parser, "--stage-index", type=int, default=0, help="this worker's pipeline stage")
+    add_flag(parser, "--num-stages", type=int, default=1, help="pipeline stages in all")
+    add_flag(
+        parser,
+        "--layer-split",
+        default="",
+        help="decoder layers per stage, comma-separated, e.g. 10,20 (empty: even split)",
+    )
+    add_flag(
+        parser,
+        "--rendezvous",
+        default="127.0.0.1:29500",
+        help="HOST:PORT of the stage group's store, served by stage 0 (with --num-stages > 1)",
+    )
+    add_flag(
+        parser,
+        "--rendezvous-fd",
+        type=int,
+        default=-1,
+        help="stage 0: serve the store on this inherited, bound socket (the launcher's)",
+    )
+    add_flag(
+        parser,
+        "--pipeline-backend",
+        default="auto",
+        choices=BACKENDS,
+        help="activations between stages: nccl on GPU, gloo on CPU (auto picks by --device)",
+    )
+    add_flag(
+        parser,
+        "--stage-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the other stages (forming the group, activations)",
+    )
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
 
@@ -57,17 +94,44 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     source = resolve_model(args.model)
     model = load_model(source, dtype=dtype, device=args.device, load_format=args.load_format)
+    try:
+        layers = split_layers(
+            model.config.num_hidden_layers, args.num_stages, parse_layer_split(args.layer_split)
+        )[args.stage_index]
+    except (ValueError, IndexError) as exc:
+        raise SystemExit(f"worker: {exc}") from exc
     num_blocks = args.num_blocks or max(
-        1, args.kv_bytes // ModelRunner.bytes_per_block(model.config, args.block_size, dtype)
+        1,
+        args.kv_bytes
+        // ModelRunner.bytes_per_block(model.config, args.block_size, dtype, len(layers)),
     )
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size)
-    swapper = Swapper(runner.kv_cache, args.kvstore_address) if args.kvstore_address else None
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, layers=layers)
+    runner.drop_other_stages()
+    stages = None
+    if args.num_stages > 1:
+        try:
+            stages = StageGroup(
+                args.stage_index,
+                args.num_stages,
+                args.rendezvous,
+                device=runner.device,
+                backend=args.pipeline_backend,
+                timeout_s=args.stage_timeout,
+                listen_fd=args.rendezvous_fd if args.rendezvous_fd >= 0 else None,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"worker: {exc}") from exc
+    swapper = (
+        Swapper(runner.kv_cache, args.kvstore_address, stage_index=args.stage_index)
+        if args.kvstore_address
+        else None
+    )
     info = wpb.InfoResponse(
         model_name=source.name,
-        stage_index=0,
-        num_stages=1,
-        first_layer=0,
-        num_layers=model.config.num_hidden_layers,
+        stage_index=args.stage_index,
+        num_stages=args.num_stages,
+        first_layer=layers.start,
+        num_layers=len(layers),
         num_total_layers=model.config.num_hidden_layers,
         num_blocks=num_blocks,
         block_size_tokens=args.block_size,
@@ -78,16 +142,21 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=max_model_len(model.config),
         tensor_parallel_size=1,
         swap_enabled=swapper is not None,
+        hidden_size=model.config.hidden_size,
     )
     log.info(
-        "loaded %s: %d blocks x %d tokens on %s",
+        "loaded %s stage %d/%d (layers %d-%d): %d blocks x %d tokens on %s",
         source.name,
+        args.stage_index,
+        args.num_stages,
+        layers.start,
+        layers.stop - 1,
         num_blocks,
         args.block_size,
         info.device,
     )
     server, health = build_server([SERVICE_NAME], max_workers=8, reuse_port=args.reuse_port)
-    servicer = WorkerServicer(Executor(runner, swapper), info)
+    servicer = WorkerServicer(Executor(runner, swapper, stages), info)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()

@@ -118,6 +118,22 @@ class ModelRunner:
         ]
 
     @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def drop_other_stages(self) -> None:
+        """Frees the weights this stage never runs: other stages' layers, the embeddings past
+        stage 0, the LM head before the last stage."""
+        layers = self.model.model.layers
+        for index in range(len(layers)):
+            if index not in self.layers:
+                layers[index] = torch.nn.Identity()
+        if not self.is_first_stage:  # a tied LM head keeps its own reference to the weight
+            self.model.model.embed_tokens = None
+        if not self.is_last_stage:
+            self.model.lm_head = None
+
+    @property
     def block_bytes(self) -> int:
         """Bytes of one block over all of this runner's layers, K and V."""
         return self.kv_cache.block_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from fastserve.worker.v1 import worker_pb2 as wpb
@@ -36,6 +37,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, executor: Executor, info: wpb.InfoResponse) -> None:
         self._executor = executor
         self._info = info
+        # One command at a time, whatever the stream: a scheduler that reconnects opens a new
+        # stream while the old one may still be finishing a command.
+        self._lock = threading.Lock()
 
     def Info(self, request, context):
         return self._info
@@ -44,7 +48,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Commands arrive in order on one stream and are executed in order; the model forward
         # runs here because there is nothing else for this stage to do meanwhile.
         for command in request_iterator:
-            yield self._execute(command)
+            with self._lock:
+                result = self._execute(command)
+            yield result
 
     def _execute(self, command: wpb.Command) -> wpb.Result:
         started = time.perf_counter()
@@ -62,10 +68,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     wpb.SampledToken(job_id=j, token_id=t) for j, t in output.tokens
                 )
                 result.forward_us = int(output.forward_s * 1e6)
+                result.wait_us = int(output.wait_s * 1e6)
             elif kind == "free":
                 self._executor.free(command.free.job_ids)
             elif kind == "reset":
-                self._executor.reset()
+                self._executor.reset(command.reset.pipeline_id)
         except (CommandError, ValueError) as exc:  # a malformed command, named by field
             result.error = str(exc)
         except Exception as exc:  # never let one bad command kill the stream

@@ -1,0 +1,137 @@
+"""Pipeline stages in one process: one Executor per stage, each in its own thread with its own
+copy of the model and its own KV pool, activations passed by gloo point-to-point. Driven by the
+scheduler core with a shuffling policy (preemption at every token, recompute when blocks run
+short); greedy output must equal transformers' whole-model output."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from services.frontend.tokenizer import encode_prompt
+from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
+from services.worker.batch import Sampling, SeqChunk
+from services.worker.executor import Executor
+from services.worker.model_runner import ModelRunner
+from services.worker.pipeline import StageGroup
+from services.worker.stage_layout import parse_layer_split, split_layers
+from tests.oracle import assert_greedy_matches, hf_greedy
+from tests.worker.test_core_with_runner import ShufflingPolicy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_even_split_puts_the_remainder_first_and_explicit_splits_are_checked():
+    assert split_layers(30, 1) == [range(0, 30)]
+    assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+    assert split_layers(4, 2, [1, 3]) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ValueError, match="add up"):
+        split_layers(4, 2, [1, 2])
+    with pytest.raises(ValueError, match="names 3 stages"):
+        split_layers(4, 2, [1, 1, 2])
+    with pytest.raises(ValueError, match="exceeds"):
+        split_layers(4, 5)
+    assert parse_layer_split("") is None and parse_layer_split("1,3") == [1, 3]
+    with pytest.raises(ValueError, match="--layer-split"):
+        parse_layer_split("1;3")
+
+
+def make_stages(model, layer_split: list[int], num_blocks: int, block_size: int):
+    ranges = split_layers(model.config.num_hidden_layers, len(layer_split), layer_split)
+    rendezvous = f"127.0.0.1:{free_port()}"
+    executors = []
+    for index, layers in enumerate(ranges):
+        runner = ModelRunner(
+            copy.deepcopy(model), num_blocks=num_blocks, block_size=block_size, layers=layers
+        )
+        runner.drop_other_stages()
+        group = StageGroup(index, len(ranges), rendezvous, device=torch.device("cpu"), timeout_s=30)
+        executors.append(Executor(runner, stages=group))
+    return executors
+
+
+class Pipeline:
+    """Runs one command on every stage at once, as the worker processes would."""
+
+    def __init__(self, executors: list[Executor]) -> None:
+        self.executors = executors
+        self.pool = ThreadPoolExecutor(len(executors))
+
+    def all(self, fn):
+        futures = [self.pool.submit(fn, executor) for executor in self.executors]
+        return [f.result(timeout=60) for f in futures]
+
+    def reset(self) -> None:
+        pipeline_id = uuid.uuid4().hex
+        self.all(lambda e: e.reset(pipeline_id))
+
+
+@pytest.mark.parametrize("layer_split", [[2, 2], [1, 2, 1]])
+def test_stages_give_the_whole_models_greedy_output(tiny_hf_model, tiny_tokenizer, layer_split):
+    block_size, num_blocks = 16, 6
+    pipeline = Pipeline(make_stages(tiny_hf_model, layer_split, num_blocks, block_size))
+    pipeline.reset()
+    config = SchedulerConfig(
+        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
+        max_batched_tokens=48,
+    )  # fmt: skip
+    core = SchedulerCore(config, ShufflingPolicy(len(layer_split)))
+    jobs = []
+    for i in range(6):
+        prompt = f"Stage test {i}: " + "pipelines pass activations " * (1 + i % 4)
+        job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
+        jobs.append(job)
+        core.add_job(job)
+    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
+    waits = []
+    while core.has_work():
+        decision = core.schedule()
+        chunks = [
+            SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, Sampling())
+            for c in decision.chunks
+        ]
+
+        def run(executor, decision=decision, chunks=chunks):
+            executor.free(decision.free_job_ids)
+            return executor.step(chunks)
+
+        results = pipeline.all(run)
+        assert all(not r.tokens for r in results[:-1]), "only the last stage samples"
+        waits.append([r.wait_s for r in results])
+        for event in core.update(decision, dict(results[-1].tokens)):
+            outputs[event.job_id].extend(event.token_ids)
+    assert core.stats().num_recomputed_jobs > 0  # the pool is small enough to force recompute
+    assert all(w[0] == 0.0 for w in waits)  # stage 0 never waits for activations
+    for job in jobs:
+        ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
+        assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, outputs[job.job_id], ref)
+
+
+def test_a_stage_sheds_the_weights_it_never_runs(tiny_hf_model):
+    executors = make_stages(tiny_hf_model, [1, 2, 1], num_blocks=4, block_size=16)
+    first, middle, last = (e.runner.model for e in executors)
+    assert first.model.embed_tokens is not None and first.lm_head is None
+    assert middle.model.embed_tokens is None and middle.lm_head is None
+    assert last.model.embed_tokens is None and last.lm_head is not None
+    assert isinstance(first.model.layers[1], torch.nn.Identity)
+    assert not isinstance(middle.model.layers[1], torch.nn.Identity)
+    # Each stage's KV pool holds only its own layers.
+    assert [e.runner.kv_cache.block_bytes for e in executors] == [
+        executors[0].runner.kv_cache.block_bytes * n for n in (1, 2, 1)
+    ]
+
+
+def test_a_step_before_the_group_is_formed_is_refused(tiny_hf_model):
+    executors = make_stages(tiny_hf_model, [2, 2], num_blocks=4, block_size=16)
+    chunk = SeqChunk("j", [5, 6], 0, [0], True, Sampling())
+    with pytest.raises(RuntimeError, match="not formed"):
+        executors[0].step([chunk])
