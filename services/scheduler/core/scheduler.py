@@ -4,6 +4,11 @@
     decision = core.schedule()     -> the batch, frees, preemptions
     core.update(decision, tokens)  -> events (TOKENS, FINISHED)
 
+With S pipeline stages the engine keeps up to S decisions in flight: schedule() may be called
+again before the previous decision's update(). A job in a decision not yet updated is busy: it
+is neither scheduled again (its next token is not known) nor evicted (a stage may still be
+writing its KV) until its update() comes back.
+
 Batch formation walks the policy's order and gives each job as many of its uncomputed tokens as
 the token budget allows (chunked prefill; a decoding job needs one). When KV blocks run short, a
 job may take blocks from jobs of lower priority by preempting them with recompute: their blocks
@@ -114,8 +119,9 @@ class SchedulerCore:
         self.blocks = self.memory.blocks
         self._clock = clock
         self._jobs: dict[str, Job] = {}
-        self._running_ids: list[str] = []  # the last decision's batch
-        self._scheduled_at = 0.0  # when the last decision was made
+        self._running_ids: list[str] = []  # jobs running: in flight or in the last batch
+        # Decisions sent but not yet updated: iteration id -> (when made, its jobs).
+        self._in_flight: dict[int, tuple[float, list[str]]] = {}
         self._num_iterations = 0
         self._num_submitted = 0
         self._num_finished = 0
@@ -173,6 +179,7 @@ class SchedulerCore:
         """Forgets every job's device KV (a worker lost it); jobs re-prefill when they run.
         KV already in the kvstore stays there and is swapped back in as usual."""
         self.memory.recompute_all(list(self._jobs.values()))
+        self._in_flight.clear()  # their results will never come
 
     # -- one iteration ---------------------------------------------------------------------
 
@@ -183,18 +190,30 @@ class SchedulerCore:
     def num_swaps_in_flight(self) -> int:
         return len(self.memory.swaps_in_flight)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Decisions scheduled and not yet updated."""
+        return len(self._in_flight)
+
+    def busy_job_ids(self) -> set[str]:
+        return {job_id for _, job_ids in self._in_flight.values() for job_id in job_ids}
+
     def schedule(self) -> Decision:
-        now = self._scheduled_at = self._clock()
+        now = self._clock()
         plan = Plan(
             self.policy.order(now),
             budget=self.config.max_batched_tokens,
             policy=self.policy,
             now=now,
         )
+        busy = self.busy_job_ids()
+        plan.scheduled |= busy  # never evicted while a stage may still touch their KV
         memory = self.memory
         for job in plan.order:
             if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
                 break
+            if job.job_id in busy:
+                continue  # its token of an earlier decision is still in the pipeline
             if not job.kv_state.is_runnable:
                 if job.kv_state is KvState.HOST and self.config.swaps:
                     memory.swap_in_if_room(job, plan)  # needed now: bring it back
@@ -219,12 +238,15 @@ class SchedulerCore:
             iteration_id=self._num_iterations,
             chunks=plan.chunks,
             free_job_ids=memory.take_pending_free(),
-            events=self._transition_events([chunk.job_id for chunk in plan.chunks]),
+            events=self._transition_events([chunk.job_id for chunk in plan.chunks], busy),
             blocked_job_ids=plan.blocked,
             swap_out=plan.swap_out,
             swap_in=plan.swap_in,
         )
-        self._running_ids = [chunk.job_id for chunk in plan.chunks]
+        scheduled_ids = [chunk.job_id for chunk in plan.chunks]
+        self._running_ids = [*busy, *scheduled_ids]
+        if scheduled_ids:
+            self._in_flight[decision.iteration_id] = (now, scheduled_ids)
         return decision
 
     def update(
@@ -238,7 +260,8 @@ class SchedulerCore:
         now = self._clock()
         for result in swaps_done:
             self.memory.apply_swap_result(result, self._jobs.get(result.job_id))
-        elapsed = now - self._scheduled_at
+        scheduled_at, _ = self._in_flight.pop(decision.iteration_id, (now, []))
+        elapsed = now - scheduled_at
         events: list[Event] = []
         ran = [
             (job, len(chunk.token_ids))
@@ -321,12 +344,12 @@ class SchedulerCore:
         plan.scheduled.add(job.job_id)
         plan.budget -= num_new
 
-    def _transition_events(self, scheduled_ids: list[str]) -> list[Event]:
+    def _transition_events(self, scheduled_ids: list[str], busy: set[str]) -> list[Event]:
         scheduled = set(scheduled_ids)
         events = []
         for job_id in self._running_ids:
             job = self._jobs.get(job_id)
-            if job is not None and job_id not in scheduled:
+            if job is not None and job_id not in scheduled and job_id not in busy:
                 job.status = JobStatus.PREEMPTED
                 events.append(Event(job_id, EventKind.PREEMPTED))
         for job_id in scheduled_ids:
