@@ -25,6 +25,7 @@ from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
 from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.policy_flags import add_policy_arguments, policy_argv
+from services.worker.stage_layout import parse_layer_split
 
 log = logging.getLogger("launcher")
 
@@ -45,6 +46,7 @@ class Child:
     # recomputed), so if it dies it is started again instead of stopping the stack.
     restartable: bool = False
     num_restarts: int = 0
+    pass_fds: tuple[int, ...] = ()  # inherited sockets (stage 0's rendezvous store)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "is taken; 0: pick one; -1: no HTTP)",
     )
     add_flag(parser, "--scheduler-port", type=int, default=0, help="0 picks a free port")
-    add_flag(parser, "--worker-port", type=int, default=0, help="0 picks a free port")
+    add_flag(
+        parser, "--worker-port", type=int, default=0, help="stage 0's port (0 picks free ports)"
+    )
+    add_flag(parser, "--stages", type=int, default=1, help="pipeline stages (worker processes)")
+    add_flag(
+        parser,
+        "--layer-split",
+        default="",
+        help="decoder layers per stage, comma-separated, e.g. 10,20 (empty: even split)",
+    )
     add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
     add_policy_arguments(parser)
     add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
@@ -113,11 +124,15 @@ class PortReservations:
         self._sockets: list[socket.socket] = []
 
     def pick(self, host: str = "127.0.0.1") -> int:
+        return int(self.pick_socket(host).getsockname()[1])
+
+    def pick_socket(self, host: str = "127.0.0.1") -> socket.socket:
+        """The reserved socket itself, for a child that serves on the inherited socket."""
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, 0))
         self._sockets.append(sock)
-        return int(sock.getsockname()[1])
+        return sock
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -148,12 +163,44 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
     Ports given as 0 are picked and held in `ports`; `args` is updated with the picks."""
     local = "127.0.0.1"
     kv_port = args.kvstore_port or ports.pick()
-    worker_port = args.worker_port or ports.pick()
+    worker_ports = [args.worker_port or ports.pick()]
+    worker_ports += [ports.pick() for _ in range(1, args.stages)]
     sched_port = args.scheduler_port or ports.pick()
     args.grpc_port = args.grpc_port or ports.pick(args.host)
     args.http_port = http_port(args, ports)
     common = ["--log-level", args.log_level, "--reuse-port"]
     model = ["--model", args.model]
+    stage_flags: list[list[str]] = [[] for _ in worker_ports]
+    pass_fds: tuple[int, ...] = ()
+    if args.stages > 1:
+        # Stage 0 serves the rendezvous store on a socket the launcher holds, so a restarted
+        # stage 0 serves it again on the same port.
+        store = ports.pick_socket(local)
+        pass_fds = (store.fileno(),)
+        for index, flags in enumerate(stage_flags):
+            flags += [
+                "--stage-index", str(index), "--num-stages", str(args.stages),
+                "--rendezvous-address", f"{local}:{store.getsockname()[1]}",
+                "--layer-split", args.layer_split,
+            ]  # fmt: skip
+        stage_flags[0] += ["--rendezvous-fd", str(store.fileno())]
+    workers = [
+        Child(
+            "worker" if args.stages == 1 else f"worker{index}",
+            [
+                "worker", "--port", str(port), *model,
+                "--load-format", args.load_format, "--device", args.device,
+                "--dtype", args.dtype, "--block-size", str(args.block_size),
+                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
+                "--kvstore-address", f"{local}:{kv_port}", *stage_flags[index], *common,
+            ],
+            f"{local}:{port}",
+            # A worker holds only a cache: the scheduler re-prefills what a restart lost.
+            restartable=True,
+            pass_fds=pass_fds if index == 0 else (),
+        )
+        for index, port in enumerate(worker_ports)
+    ]  # fmt: skip
     return [
         Child(
             "kvstore",
@@ -164,22 +211,12 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             f"{local}:{kv_port}",
             restartable=True,
         ),
-        Child(
-            "worker",
-            [
-                "worker", "--port", str(worker_port), *model,
-                "--load-format", args.load_format, "--device", args.device,
-                "--dtype", args.dtype, "--block-size", str(args.block_size),
-                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
-                "--kvstore-address", f"{local}:{kv_port}", *common,
-            ],
-            f"{local}:{worker_port}",
-        ),
+        *workers,
         Child(
             "scheduler",
             [
                 "scheduler", "--port", str(sched_port),
-                "--worker-address", f"{local}:{worker_port}",
+                "--worker-address", ",".join(f"{local}:{port}" for port in worker_ports),
                 "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--swap-cost-scale", str(args.swap_cost_scale),
@@ -220,7 +257,9 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         child.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *child.argv], preexec_fn=_die_with_parent
+            [sys.executable, "-m", "services.cli", *child.argv],
+            preexec_fn=_die_with_parent,
+            pass_fds=child.pass_fds,
         )
         log.info("started %s (pid %d) on %s", child.name, child.process.pid, child.address)
 
@@ -229,7 +268,14 @@ class Supervisor:
         for child in self.children:
             if child.process is None or child.process.poll() is None:
                 continue
-            if child.restartable and not self._stopping and child.num_restarts < MAX_RESTARTS:
+            # Only a child that once got ready: one that fails to start (bad flags, a model that
+            # does not load) would fail again.
+            if (
+                child.restartable
+                and child.ready
+                and not self._stopping
+                and child.num_restarts < MAX_RESTARTS
+            ):
                 child.num_restarts += 1
                 print(
                     f"fastserve: {child.name} exited with code {child.process.returncode}; "
@@ -286,6 +332,20 @@ class Supervisor:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("launcher", args.log_level)
+    if args.stages < 1:
+        print(f"fastserve: --stages must be >= 1, got {args.stages}", file=sys.stderr)
+        return 2
+    try:
+        split = parse_layer_split(args.layer_split)
+    except ValueError as exc:
+        print(f"fastserve: {exc}", file=sys.stderr)
+        return 2
+    if split is not None and len(split) != args.stages:
+        print(
+            f"fastserve: --layer-split names {len(split)} stages, --stages is {args.stages}",
+            file=sys.stderr,
+        )
+        return 2
     ports = PortReservations()
     supervisor = Supervisor(plan(args, ports))
     signal.signal(signal.SIGTERM, supervisor.request_stop)

@@ -1,5 +1,9 @@
 """The scheduler's busy loop, in its own thread: drain submits and cancels, schedule, run the
-worker, update, publish one message per frontend per iteration.
+workers, update, publish one message per frontend per iteration.
+
+With S pipeline stages up to S decisions are in flight: while stage 1 runs batch k, stage 0
+already runs batch k + 1 (of other jobs). The loop sends a new decision whenever fewer than S
+are in flight and the core has jobs to run, and otherwise waits for the oldest result.
 
 gRPC handlers never touch the core: they post to the inbox and read from their outbox, so the
 loop owns all job state without locks (STYLE 6).
@@ -13,10 +17,11 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.scheduler.core import Event, EventKind, Job, SchedulerCore
-from services.scheduler.worker_link import WorkerError, WorkerLink
+from services.scheduler.core import Decision, Event, EventKind, Job, SchedulerCore
+from services.scheduler.pipeline import Pipeline
+from services.scheduler.worker_link import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,21 @@ class Outgoing:
 
     iteration_id: int
     events: list[tuple[str, Event]]  # (frontend's job id, event)
+
+
+@dataclass(frozen=True, slots=True)
+class StageView:
+    """One stage's totals, for Stats."""
+
+    stage_index: int
+    address: str
+    first_layer: int
+    num_layers: int
+    num_used_blocks: int
+    num_commands: int
+    busy_s: float
+    wait_s: float
+    wall_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +75,17 @@ class EngineStats:
     num_swap_failures: int = 0
     num_host_jobs: int = 0
     swap_bytes_per_s: float = 0.0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    stages: tuple[StageView, ...] = field(default_factory=tuple)
 
 
 class Engine:
-    def __init__(self, core: SchedulerCore, worker: WorkerLink) -> None:
+    def __init__(self, core: SchedulerCore, pipeline: Pipeline) -> None:
         self._core = core
-        self._worker = worker
+        self._worker = pipeline
+        self._in_flight: deque[tuple[Decision, float]] = deque()  # sent, not yet collected
+        self._swap_bytes = {True: 0, False: 0}  # swap_in -> bytes moved
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._outboxes: dict[str, queue.SimpleQueue[Outgoing | None]] = {}
         self._outboxes_lock = threading.Lock()
@@ -121,31 +146,50 @@ class Engine:
             os._exit(70)
 
     def _loop(self) -> None:
+        depth = self._worker.num_stages
         while not self._stop.is_set():
-            self._drain_inbox(block=not self._core.has_work())
-            started = time.perf_counter()
-            decision = self._core.schedule()
-            if decision.is_empty and not self._core.num_swaps_in_flight:
-                self._publish(0, decision.events)
-                continue
-            if decision.is_empty:
-                time.sleep(SWAP_POLL_S)  # nothing runnable until a swap lands: poll for it
+            self._drain_inbox(block=not self._core.has_work() and not self._in_flight)
             try:
-                result = self._worker.execute(decision)
+                if len(self._in_flight) < depth and self._send_next():
+                    continue  # room for another batch while the earlier ones run
+                if self._in_flight:
+                    self._complete_oldest()
             except WorkerError as exc:
-                log.error("%s; re-prefilling every job once the worker is back", exc)
+                log.error("%s; re-prefilling every job once the workers are back", exc)
                 self._recover_worker()
-                continue
-            events = decision.events + self._core.update(decision, result.tokens, result.swaps_done)
-            self._publish(decision.iteration_id, events)
-            # Iteration = schedule + command round trip + update + publish; forward is the
-            # worker's model time, so the difference is everything the spine adds.
-            self._iteration_s.append(time.perf_counter() - started)
-            self._forward_s.append(result.forward_s)
-            self._worker_used_blocks = result.num_used_blocks
-            self._publish_stats()
         for event in self._core.abort_all():
             self._publish(0, [event])
+
+    def _send_next(self) -> bool:
+        """Schedules and sends a decision; False when there was nothing worth sending."""
+        started = time.perf_counter()
+        decision = self._core.schedule()
+        if decision.is_empty:
+            self._publish(0, decision.events)
+            if self._in_flight or not self._core.num_swaps_in_flight:
+                return False
+            time.sleep(SWAP_POLL_S)  # nothing runnable until a swap lands: poll for it
+        self._worker.submit(decision)
+        self._in_flight.append((decision, started))
+        # A batch with jobs leaves room for the next one; a command that only frees or
+        # swaps waits for its result, so an idle loop does not flood the stages.
+        return bool(decision.chunks)
+
+    def _complete_oldest(self) -> None:
+        decision, started = self._in_flight[0]
+        result = self._worker.collect()
+        self._in_flight.popleft()
+        for swap in result.swaps_done:
+            if swap.ok:
+                self._swap_bytes[swap.swap_in] += swap.num_bytes
+        events = decision.events + self._core.update(decision, result.tokens, result.swaps_done)
+        self._publish(decision.iteration_id, events)
+        # Iteration = schedule + command round trip + update + publish; forward is the
+        # workers' model time, so the difference is everything the spine adds.
+        self._iteration_s.append(time.perf_counter() - started)
+        self._forward_s.append(result.forward_s)
+        self._worker_used_blocks = result.num_used_blocks
+        self._publish_stats()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -223,15 +267,41 @@ class Engine:
             num_swap_failures=core.num_swap_failures,
             num_host_jobs=core.num_host_jobs,
             swap_bytes_per_s=core.swap_bytes_per_s,
+            swap_out_bytes=self._swap_bytes[False],
+            swap_in_bytes=self._swap_bytes[True],
+            stages=self._stage_views(),
         )
 
+    def _stage_views(self) -> tuple[StageView, ...]:
+        now = time.perf_counter()
+        views = []
+        for index, tally in enumerate(self._worker.tallies):
+            info = self._worker.stages[index] if index < len(self._worker.stages) else None
+            views.append(
+                StageView(
+                    stage_index=index,
+                    address=self._worker.links[index].address,
+                    first_layer=info.first_layer if info else 0,
+                    num_layers=info.num_layers if info else 0,
+                    num_used_blocks=tally.num_used_blocks,
+                    num_commands=tally.num_commands,
+                    busy_s=tally.busy_s,
+                    wait_s=tally.wait_s,
+                    wall_s=now - tally.first_command_at if tally.first_command_at else 0.0,
+                )
+            )
+        return tuple(views)
+
     def _recover_worker(self) -> None:
-        """The worker lost its KV (crash, restart): reconnect, then recompute every job."""
+        """A stage lost its KV (crash, restart) or the pipeline broke: reconnect every stage
+        (a new activation group), then recompute every job. Callers see a delay."""
+        self._in_flight.clear()
         while not self._stop.is_set():
             try:
                 self._worker.open()
                 break
-            except WorkerError:
+            except WorkerError as exc:
+                log.info("waiting for the workers: %s", exc)
                 time.sleep(WORKER_RETRY_S)
         self._core.recompute_all()
 

@@ -16,10 +16,11 @@ from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.core.policy import make_policy
 from services.scheduler.discovery import add_discovery_arguments, discovery_from_args
 from services.scheduler.engine import Engine
+from services.scheduler.pipeline import Pipeline
 from services.scheduler.policy_flags import add_policy_arguments, policy_options
 from services.scheduler.profiler import load_or_measure
 from services.scheduler.server import SERVICE_NAME, SchedulerServicer
-from services.scheduler.worker_link import WorkerLink
+from services.scheduler.worker_link import WorkerError, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,28 @@ def run(args: argparse.Namespace) -> int:
     discovery = discovery_from_args(args)
     discovery.start()
     try:
+        # Stage 0 says how many stages there are; then wait for all of them.
         stage0 = discovery.wait_for_workers(1, args.worker_timeout)[0]
-    except TimeoutError as exc:
+        num_stages = WorkerLink(stage0).wait_for_info(args.worker_timeout).num_stages
+        addresses = discovery.wait_for_workers(num_stages, args.worker_timeout)
+        worker = Pipeline([addresses[i] for i in range(num_stages)])
+
+        def follow(found) -> None:  # a replaced stage pod: reconnect there on the next open
+            for index in range(num_stages):
+                worker.retarget(index, found.worker_addresses.get(index))
+
+        discovery.subscribe(follow)
+        info = worker.wait_for_info(args.worker_timeout)
+    except (TimeoutError, WorkerError) as exc:
         raise SystemExit(f"scheduler: {exc}") from exc
-    worker = WorkerLink(stage0)
-    discovery.subscribe(lambda found: worker.retarget(found.worker_addresses.get(0)))
-    info = worker.wait_for_info(args.worker_timeout)
     log.info(
-        "worker %s: %s on %s (%s), %d blocks of %d tokens",
-        stage0,
+        "workers %s: %s on %s (%s), %d stage(s) of %s layers, %d blocks of %d tokens",
+        ", ".join(worker.addresses),
         info.model_name,
         info.device,
         info.dtype,
+        info.num_stages,
+        "+".join(map(str, info.layer_split)),
         info.num_blocks,
         info.block_size,
     )

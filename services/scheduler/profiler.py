@@ -17,7 +17,8 @@ from pathlib import Path
 from services.scheduler.core import Decision, ScheduledChunk
 from services.scheduler.core.job import SamplingParams
 from services.scheduler.core.profile import PerformanceProfile
-from services.scheduler.worker_link import WorkerInfo, WorkerLink
+from services.scheduler.pipeline import Pipeline
+from services.scheduler.worker_link import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,18 @@ _GREEDY = SamplingParams()
 def profile_key(info: WorkerInfo, max_batch_size: int, max_batched_tokens: int) -> dict:
     return {
         "model": info.model_name,
-        "stages": 1,
+        "stages": list(info.layer_split) or [info.num_total_layers],
         "device": info.device,
         "dtype": info.dtype,
         "block_size": info.block_size,
         "max_batch_size": max_batch_size,
         "max_batched_tokens": max_batched_tokens,
-        "version": 1,
+        "version": 2,
     }
 
 
 def load_or_measure(
-    worker: WorkerLink,
+    worker: Pipeline,
     info: WorkerInfo,
     *,
     max_batch_size: int,
@@ -84,7 +85,7 @@ def load_or_measure(
 
 
 def measure(
-    worker: WorkerLink, info: WorkerInfo, max_batch_size: int, max_batched_tokens: int
+    worker: Pipeline, info: WorkerInfo, max_batch_size: int, max_batched_tokens: int
 ) -> PerformanceProfile:
     capacity = info.num_blocks * info.block_size
     longest = min(info.max_model_len - 1, max_batched_tokens, capacity)
@@ -107,14 +108,14 @@ def _tokens(n: int, vocab_size: int, salt: int = 0) -> list[int]:
     return [(salt * 31 + i * 7919) % max(vocab_size - 1, 1) + 1 for i in range(n)]
 
 
-def _run(worker: WorkerLink, chunks: list[ScheduledChunk], free: list[str]) -> float:
+def _run(worker: Pipeline, chunks: list[ScheduledChunk], free: list[str]) -> float:
     decision = Decision(iteration_id=0, chunks=chunks, free_job_ids=free)
     started = time.perf_counter()
     worker.execute(decision)
     return time.perf_counter() - started
 
 
-def _time_prefill(worker: WorkerLink, info: WorkerInfo, n: int, repeats: int) -> float:
+def _time_prefill(worker: Pipeline, info: WorkerInfo, n: int, repeats: int) -> float:
     """Best of `repeats` runs; a single run when the first is slow."""
     blocks = list(range(-(-n // info.block_size)))
     chunk = ScheduledChunk("profile-prefill", _tokens(n, info.vocab_size), 0, blocks, True, _GREEDY)
@@ -127,7 +128,7 @@ def _time_prefill(worker: WorkerLink, info: WorkerInfo, n: int, repeats: int) ->
     return best
 
 
-def _time_decode(worker: WorkerLink, info: WorkerInfo, batch: int, blocks_per_job: int) -> float:
+def _time_decode(worker: Pipeline, info: WorkerInfo, batch: int, blocks_per_job: int) -> float:
     ids = [f"profile-decode-{i}" for i in range(batch)]
     tables = [list(range(i * blocks_per_job, (i + 1) * blocks_per_job)) for i in range(batch)]
     prefills = [

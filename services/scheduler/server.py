@@ -84,4 +84,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_swap_failures=s.num_swap_failures,
             num_host_jobs=s.num_host_jobs,
             swap_bytes_per_s=s.swap_bytes_per_s,
+            swap_out_bytes=s.swap_out_bytes,
+            swap_in_bytes=s.swap_in_bytes,
+            stages=[
+                spb.StageStats(
+                    stage_index=v.stage_index,
+                    address=v.address,
+                    first_layer=v.first_layer,
+                    num_layers=v.num_layers,
+                    num_used_blocks=v.num_used_blocks,
+                    num_commands=v.num_commands,
+                    busy_s=v.busy_s,
+                    wait_s=v.wait_s,
+                    wall_s=v.wall_s,
+                )
+                for v in s.stages
+            ],
         )

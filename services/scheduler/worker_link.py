@@ -1,4 +1,6 @@
-"""The scheduler's side of a worker: Info, and one long-lived Run stream of commands."""
+"""The scheduler's side of one worker (one pipeline stage): Info, and one long-lived Run
+stream of commands. `send` and `receive` are separate so that several commands can be in
+flight (pipeline stages); `execute` is the two back to back."""
 
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ import grpc
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
 from services.common.grpc_server import GRPC_OPTIONS
-from services.scheduler.convert import decision_to_command
-from services.scheduler.core import Decision, SwapResult
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +34,37 @@ class WorkerInfo:
     vocab_size: int
     block_bytes: int
     swap_enabled: bool
+    stage_index: int = 0
+    num_stages: int = 1
+    first_layer: int = 0
+    num_layers: int = 0
+    num_total_layers: int = 0
+    layer_split: tuple[int, ...] = ()  # layers per stage (the whole pipeline's view)
 
 
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    tokens: dict[str, int]  # job id -> sampled token
-    forward_s: float  # model forward + sampling on the worker
-    total_s: float  # whole command on the worker
-    num_used_blocks: int  # blocks the worker holds for jobs after the command
-    swaps_done: list[SwapResult]  # background swaps that finished
-    num_swaps_in_flight: int
+def info_from_pb(reply: wpb.InfoResponse) -> WorkerInfo:
+    return WorkerInfo(
+        model_name=reply.model_name,
+        num_blocks=reply.num_blocks,
+        block_size=reply.block_size_tokens,
+        max_model_len=reply.max_model_len,
+        device=reply.device,
+        dtype=reply.dtype,
+        vocab_size=reply.vocab_size,
+        block_bytes=reply.block_bytes,
+        swap_enabled=reply.swap_enabled,
+        stage_index=reply.stage_index,
+        num_stages=max(1, reply.num_stages),
+        first_layer=reply.first_layer,
+        num_layers=reply.num_layers,
+        num_total_layers=reply.num_total_layers,
+    )
 
 
 class WorkerLink:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._target = address  # where the next open() connects (discovery may move it)
+        self._target = address  # where the next connect() goes (discovery may move it)
         self._target_lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -57,38 +72,32 @@ class WorkerLink:
         self._responses = None
         self._next_command_id = 1
 
+    def info(self, timeout_s: float = 5.0) -> WorkerInfo:
+        try:
+            return info_from_pb(self._stub.Info(wpb.InfoRequest(), timeout=timeout_s))
+        except grpc.RpcError as exc:
+            raise WorkerError(f"worker {self.address} did not answer Info: {exc}") from exc
+
     def wait_for_info(self, timeout_s: float) -> WorkerInfo:
         """Polls Info until the worker answers (it may still be loading the model)."""
         deadline = time.monotonic() + timeout_s
         while True:
+            self._follow_target()
             try:
-                reply = self._stub.Info(wpb.InfoRequest(), timeout=5)
-                return WorkerInfo(
-                    model_name=reply.model_name,
-                    num_blocks=reply.num_blocks,
-                    block_size=reply.block_size_tokens,
-                    max_model_len=reply.max_model_len,
-                    device=reply.device,
-                    dtype=reply.dtype,
-                    vocab_size=reply.vocab_size,
-                    block_bytes=reply.block_bytes,
-                    swap_enabled=reply.swap_enabled,
-                )
-            except grpc.RpcError as exc:
+                return self.info()
+            except WorkerError:
                 if time.monotonic() > deadline:
-                    raise WorkerError(f"worker {self.address} did not answer: {exc}") from exc
+                    raise
                 time.sleep(0.2)
 
     def retarget(self, address: str | None) -> None:
-        """The worker moved (a replaced pod): the next open() connects to `address`. Safe to
-        call from any thread; the engine reopens when the old stream breaks."""
+        """The worker moved (a replaced pod): the next connect() goes to `address`. Safe to
+        call from any thread; the engine reconnects when the old stream breaks."""
         if address:
             with self._target_lock:
                 self._target = address
 
-    def open(self) -> None:
-        """(Re)opens the Run stream and resets the worker's block ownership."""
-        self.close()
+    def _follow_target(self) -> None:
         with self._target_lock:
             target = self._target
         if target != self.address:
@@ -97,37 +106,32 @@ class WorkerLink:
             self.address = target
             self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
             self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    def connect(self) -> None:
+        """(Re)opens the Run stream; the caller sends a Reset first."""
+        self.close()
+        self._follow_target()
         requests: queue.SimpleQueue[wpb.Command | None] = queue.SimpleQueue()
         self._requests = requests
         self._responses = self._stub.Run(iter(requests.get, None))
-        self._call(wpb.Command(reset=wpb.Reset()))
 
-    def execute(self, decision: Decision) -> StepResult:
-        result = self._call(decision_to_command(decision, 0))
-        return StepResult(
-            tokens={t.job_id: t.token_id for t in result.tokens},
-            forward_s=result.forward_us / 1e6,
-            total_s=result.total_us / 1e6,
-            num_used_blocks=result.num_used_blocks,
-            swaps_done=[
-                SwapResult(
-                    job_id=done.job_id,
-                    swap_in=done.direction == wpb.SWAP_DIRECTION_IN,
-                    ok=done.ok,
-                    num_bytes=done.num_bytes,
-                    duration_s=done.duration_us / 1e6,
-                )
-                for done in result.swaps_done
-            ],
-            num_swaps_in_flight=result.num_swaps_in_flight,
-        )
+    def open(self, pipeline_id: str = "") -> None:
+        """Connects and resets the worker's block ownership (one stage on its own)."""
+        self.connect()
+        self.send(wpb.Command(reset=wpb.Reset(pipeline_id=pipeline_id)))
+        self.receive()
 
-    def _call(self, command: wpb.Command) -> wpb.Result:
-        if self._requests is None or self._responses is None:
-            raise WorkerError("worker stream is not open")
+    def send(self, command: wpb.Command) -> None:
+        if self._requests is None:
+            raise WorkerError(f"worker {self.address}: stream is not open")
         command.command_id = self._next_command_id
         self._next_command_id += 1
         self._requests.put(command)
+
+    def receive(self) -> wpb.Result:
+        """The result of the oldest command sent and not yet received."""
+        if self._responses is None:
+            raise WorkerError(f"worker {self.address}: stream is not open")
         try:
             result = next(self._responses)
         except (grpc.RpcError, StopIteration) as exc:

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         parser,
-        "--rendezvous",
+        "--rendezvous-address",
         default="127.0.0.1:29500",
         help="HOST:PORT of the stage group's store, served by stage 0 (with --num-stages > 1)",
     )
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             stages = StageGroup(
                 args.stage_index,
                 args.num_stages,
-                args.rendezvous,
+                args.rendezvous_address,
                 device=runner.device,
                 backend=args.pipeline_backend,
                 timeout_s=args.stage_timeout,

@@ -28,7 +28,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"--rendezvous must be HOST:PORT, got {address!r}")
+        raise ValueError(f"--rendezvous-address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
 
 

@@ -21,7 +21,6 @@ POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
 # flag lands in a later issue. Once a service has the flag this list no longer matters.
 FUTURE_FLAGS = {
     "frontend": {"--http-port"},
-    "worker": {"--stage-index", "--num-stages", "--rendezvous-address"},
 }
 FUTURE_ENV = {"frontend": {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}}
 

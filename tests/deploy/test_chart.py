@@ -117,9 +117,6 @@ def test_worker_replicas_are_the_stages_and_the_ordinal_is_the_stage_index(docs,
     assert workers["spec"]["replicas"] == values["numStages"]
     assert workers["spec"]["podManagementPolicy"] == "Parallel"
     ctr = container(workers)
-    if not values["pipeline"]["passStageFlags"]:
-        assert flag(ctr["args"], "--stage-index") is None
-        return
     env = {e["name"]: e for e in ctr.get("env", [])}
     assert flag(ctr["args"], "--stage-index") == "$(FASTSERVE_STAGE_INDEX)"
     assert env["FASTSERVE_STAGE_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == POD_INDEX_FIELD

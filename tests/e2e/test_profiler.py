@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from services.scheduler import profiler
+from services.scheduler.pipeline import Pipeline
 from services.scheduler.worker_link import WorkerLink
 from tests.stack import ROOT
 
@@ -25,7 +26,7 @@ def worker(tiny_model_dir):
     assert process.stdout is not None
     ready = process.stdout.readline()  # "worker ready on HOST:PORT", or "" if it died
     assert "worker ready on" in ready, f"the worker did not start: {ready!r}"
-    link = WorkerLink(ready.split()[-1])
+    link = Pipeline([ready.split()[-1]])
     try:
         info = link.wait_for_info(120)
         link.open()
@@ -80,7 +81,7 @@ def test_worker_link_follows_a_moved_worker(worker):
     from services.scheduler.discovery import StaticDiscovery
 
     _, info = worker
-    real_address = worker[0].address
+    real_address = worker[0].addresses[0]
     link = WorkerLink("127.0.0.1:1")  # where the old pod was: nothing listens
     discovery = StaticDiscovery([real_address], None)
     discovery.subscribe(lambda found: link.retarget(found.worker_addresses.get(0)))

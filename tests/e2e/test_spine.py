@@ -216,15 +216,19 @@ def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
     import os
     import signal
 
+    # The scheduler holds every job's state, so it is the one child not restarted (workers
+    # and the kvstore hold caches and are; see test_pipeline.py and test_swapping.py).
     stack = Stack.start(tiny_model_dir, "--num-blocks", "32")
     children = stack.child_pids()
-    worker = next(
-        pid for pid in children if "worker" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    scheduler = next(
+        pid
+        for pid in children
+        if "scheduler" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     )
-    os.kill(worker, signal.SIGKILL)
+    os.kill(scheduler, signal.SIGKILL)
     code = stack.process.wait(timeout=30)
     assert code != 0
-    assert any("worker exited" in line for line in stack.output), "".join(stack.output[-20:])
+    assert any("scheduler exited" in line for line in stack.output), "".join(stack.output[-20:])
     time.sleep(0.5)
     assert not [pid for pid in children if pid_alive(pid)]
 

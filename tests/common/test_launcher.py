@@ -1,0 +1,90 @@
+"""The local launcher: port reservations, stage wiring, and flag checks."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import grpc
+import pytest
+
+from services.common.grpc_server import bind, build_server
+from services.launcher import PortReservations, plan
+from services.launcher import add_arguments as add_launcher_arguments
+
+
+def test_a_reserved_port_is_refused_to_others_and_joined_by_a_reuse_port_server():
+    ports = PortReservations()
+    try:
+        port = ports.pick()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        plain, _ = build_server(["x"])  # SO_REUSEPORT off: a busy port is an error
+        with pytest.raises((OSError, RuntimeError)):
+            bind(plain, f"127.0.0.1:{port}")
+        server, _ = build_server(["x"], reuse_port=True)
+        assert bind(server, f"127.0.0.1:{port}") == port
+        server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=5)
+        server.stop(0)
+    finally:
+        ports.close()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # released on close
+
+
+def test_plan_picks_distinct_ports_and_tells_children_to_join_them():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        for _ in range(20):
+            args = parser.parse_args(["--grpc-port", "0", "--http-port", "0"])
+            children = plan(args, ports)
+            picked = [int(c.address.rsplit(":", 1)[1]) for c in children] + [args.http_port]
+            assert len(set(picked)) == len(picked) and 0 not in picked
+            assert all("--reuse-port" in c.argv for c in children)
+    finally:
+        ports.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--stages", "0"], "--stages must be >= 1"),
+        (["--stages", "2", "--layer-split", "1,1,2"], "names 3 stages"),
+        (["--stages", "2", "--layer-split", "1;3"], "--layer-split must be"),
+    ],
+)
+def test_bad_stage_flags_are_refused_before_anything_starts(flags, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--grpc-port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_plan_wires_one_worker_per_stage_to_the_scheduler():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", "--stages", "3"])
+        children = {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+    workers = [children[f"worker{i}"] for i in range(3)]
+    scheduler = children["scheduler"].argv
+    addresses = scheduler[scheduler.index("--worker-address") + 1].split(",")
+    assert addresses == [w.address for w in workers]
+    rendezvous = {w.argv[w.argv.index("--rendezvous-address") + 1] for w in workers}
+    assert len(rendezvous) == 1  # one store, served by stage 0 on the inherited socket
+    assert [w.argv[w.argv.index("--stage-index") + 1] for w in workers] == ["0", "1", "2"]
+    assert workers[0].pass_fds and "--rendezvous-fd" in workers[0].argv
+    assert all(w.restartable for w in workers) and not children["scheduler"].restartable

@@ -1,0 +1,85 @@
+"""Pipeline-parallel stages end to end: S worker processes passing activations by gloo,
+several batches in flight, exact greedy output, and a stage killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_swapping import PROMPTS, check_exact, run_all
+from tests.stack import Stack, pid_alive
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# Few blocks and a small batch: jobs of mixed lengths are preempted (skip-join MLFQ) and
+# swapped or recomputed while S batches are in flight.
+PRESSURE = ("--kv-blocks", "16", "--max-batch-size", "3", "--reserve-blocks", "2")
+
+
+def stage_pid(stack: Stack, index: int) -> int:
+    for pid in stack.child_pids():
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        if "worker" in argv and argv[argv.index("--stage-index") + 1] == str(index):
+            return pid
+    raise AssertionError(f"no stage {index} among {stack.child_pids()}")
+
+
+@pytest.fixture(scope="module")
+def single_stage_outputs(tiny_model_dir):
+    stack = Stack.start(tiny_model_dir, *PRESSURE)
+    try:
+        return run_all(stack)
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_stages_give_the_reference_output(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer, single_stage_outputs, stages
+):
+    stack = Stack.start(tiny_model_dir, *PRESSURE, "--stages", str(stages))
+    try:
+        outputs = run_all(stack)
+        stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+    finally:
+        assert stack.stop() == 0
+    assert outputs == single_stage_outputs
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert [s.stage_index for s in stats.stages] == list(range(stages))
+    assert sum(s.num_layers for s in stats.stages) == tiny_hf_model.config.num_hidden_layers
+    assert all(s.num_commands > 0 and s.busy_s > 0 for s in stats.stages)
+    assert stats.stages[0].wait_s == 0 and stats.stages[-1].wait_s > 0
+    assert all(s.num_used_blocks == 0 for s in stats.stages)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_killing_a_stage_mid_run_loses_no_request(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer, stage
+):
+    """Stage 0 also serves the rendezvous store: its replacement serves it again."""
+    stack = Stack.start(tiny_model_dir, *PRESSURE, "--stages", "2")
+    victim = stage_pid(stack, stage)
+    killed = []
+
+    def kill_mid_run():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and stack.scheduler_stats().num_finished_jobs < 2:
+            time.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        killed.append(stack.scheduler_stats().num_finished_jobs)
+
+    try:
+        outputs = run_all(stack, pause=kill_mid_run)
+        stats = stack.scheduler_stats()
+        replacement = stage_pid(stack, stage)
+    finally:
+        assert stack.stop() == 0
+    assert killed and killed[0] < len(PROMPTS), "the stage must die while requests run"
+    assert not pid_alive(victim) and replacement != victim
+    assert any(f"worker{stage} exited" in line and "restart" in line for line in stack.output)
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert stats.num_recomputed_jobs > 0  # the jobs whose KV the stage lost re-prefilled
