@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
@@ -34,9 +35,15 @@ def chunk_from_pb(seq: wpb.SeqInput) -> SeqChunk:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, executor: Executor, info: wpb.InfoResponse) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        info: wpb.InfoResponse,
+        observer: Callable[[wpb.Result], None] | None = None,
+    ) -> None:
         self._executor = executor
         self._info = info
+        self._observer = observer  # sees every result (the metrics port)
         # One command at a time, whatever the stream: a scheduler that reconnects opens a new
         # stream while the old one may still be finishing a command.
         self._lock = threading.Lock()
@@ -92,4 +99,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         result.num_swaps_in_flight = self._executor.num_swaps_in_flight
         result.num_used_blocks = self._executor.num_used_blocks
         result.total_us = int((time.perf_counter() - started) * 1e6)
+        if self._observer:
+            self._observer(result)
         return result
