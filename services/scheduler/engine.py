@@ -78,6 +78,9 @@ class EngineStats:
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
     stages: tuple[StageView, ...] = field(default_factory=tuple)
+    num_preempted_jobs: int = 0
+    num_preemptions: int = 0
+    num_jobs_per_level: tuple[int, ...] = ()  # waiting jobs per queue level, level 0 first
 
 
 class Engine:
@@ -270,6 +273,9 @@ class Engine:
             swap_out_bytes=self._swap_bytes[False],
             swap_in_bytes=self._swap_bytes[True],
             stages=self._stage_views(),
+            num_preempted_jobs=core.num_preempted_jobs,
+            num_preemptions=core.num_preemptions,
+            num_jobs_per_level=core.num_jobs_per_level,
         )
 
     def _stage_views(self) -> tuple[StageView, ...]:

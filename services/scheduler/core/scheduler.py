@@ -33,6 +33,7 @@ from services.scheduler.core.decision import (
 from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState
 from services.scheduler.core.kv_planner import KV_POLICIES, SwapCostModel
 from services.scheduler.core.memory import KvMemory, Plan
+from services.scheduler.core.mlfq import MlfqPolicy
 from services.scheduler.core.policy import Policy, make_policy
 from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
 
@@ -96,6 +97,11 @@ class SchedulerStats:
     num_swaps_in_flight: int
     num_host_jobs: int  # jobs whose KV is in the kvstore now
     swap_bytes_per_s: float  # current bandwidth estimate
+    num_preempted_jobs: int  # jobs that ran before and are not running now
+    num_preemptions: int  # running jobs that dropped out of the batch, since start
+    # Waiting jobs (not running) per policy queue level, level 0 first; one entry per level
+    # of an MLFQ policy, one for FCFS, so an empty level reads 0 rather than disappearing.
+    num_jobs_per_level: tuple[int, ...]
 
 
 class SchedulerCore:
@@ -127,6 +133,7 @@ class SchedulerCore:
         self._num_finished = 0
         self._num_cancelled = 0
         self._num_rejected = 0
+        self._num_preemptions = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -306,6 +313,12 @@ class SchedulerCore:
 
     def stats(self) -> SchedulerStats:
         num_running = sum(1 for job_id in self._running_ids if job_id in self._jobs)
+        running = set(self._running_ids)
+        levels = [self.policy.level(j) for j in self._jobs.values() if j.job_id not in running]
+        quanta = self.policy.quanta if isinstance(self.policy, MlfqPolicy) else ()
+        num_jobs_per_level = [0] * max(len(quanta), 1, *(level + 1 for level in levels))
+        for level in levels:
+            num_jobs_per_level[level] += 1
         return SchedulerStats(
             num_waiting_jobs=len(self._jobs) - num_running,
             num_running_jobs=num_running,
@@ -323,6 +336,11 @@ class SchedulerCore:
             num_swaps_in_flight=len(self.memory.swaps_in_flight),
             num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
             swap_bytes_per_s=self.memory.costs.bytes_per_s,
+            num_preempted_jobs=sum(
+                1 for j in self._jobs.values() if j.status is JobStatus.PREEMPTED
+            ),
+            num_preemptions=self._num_preemptions,
+            num_jobs_per_level=tuple(num_jobs_per_level),
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -351,6 +369,7 @@ class SchedulerCore:
             job = self._jobs.get(job_id)
             if job is not None and job_id not in scheduled and job_id not in busy:
                 job.status = JobStatus.PREEMPTED
+                self._num_preemptions += 1
                 events.append(Event(job_id, EventKind.PREEMPTED))
         for job_id in scheduled_ids:
             job = self._jobs[job_id]
