@@ -63,6 +63,15 @@ class PreparedRequest:
     priority: int = 0  # accepted from clients; informational for now (not sent to the scheduler)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 @dataclass(slots=True)
 class Delta:
     """One step of a generation as a surface sees it."""
@@ -75,6 +84,7 @@ class Delta:
     finish_reason: str | None = None  # "stop", "length" or "aborted" on the last delta
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
 
 
 class GenerationCore:
@@ -133,6 +143,8 @@ class GenerationCore:
                 top_k=sampling.top_k,
                 seed=sampling.seed or 0,
                 has_seed=sampling.seed is not None,
+                logprobs=sampling.logprobs,
+                top_logprobs=sampling.top_logprobs,
             ),
         )
         try:
@@ -163,6 +175,10 @@ class GenerationCore:
                         timer.first_token()
                     num_generated += len(event.token_ids)
                     delta.token_ids.extend(event.token_ids)
+                    delta.logprobs.extend(
+                        TokenLogprob(token, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                        for token, lp in zip(event.token_ids, event.logprobs, strict=False)
+                    )
                     finished = event.kind == spb.EVENT_KIND_FINISHED
                     text = detokenizer.add(event.token_ids)
                     if finished:

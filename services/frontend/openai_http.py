@@ -29,7 +29,7 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.frontend.auth import ApiKeys
-from services.frontend.generation import Delta, GenerationCore, PreparedRequest
+from services.frontend.generation import Delta, GenerationCore, PreparedRequest, TokenLogprob
 from services.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from services.frontend.openai_schema import (
     ApiError,
@@ -211,13 +211,20 @@ class OpenAIServer:
             prompt_ids = model.encode_prompt(parsed.prompt)
         return self.core.prepare(prompt_ids, parsed.sampling, parsed.priority)
 
+    def _token_text(self, token_id: int) -> str:
+        return self.core.model.tokenizer.decode([token_id])
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_completion(await self._read(request))
-        return await self._run(request, parsed, _CompletionFormat(self.core.model.name))
+        return await self._run(
+            request, parsed, _CompletionFormat(self.core.model.name, parsed, self._token_text)
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat(await self._read(request))
-        return await self._run(request, parsed, _ChatFormat(self.core.model.name))
+        return await self._run(
+            request, parsed, _ChatFormat(self.core.model.name, parsed, self._token_text)
+        )
 
     async def _run(self, request: web.Request, parsed: OpenAIRequest, fmt) -> web.StreamResponse:
         prepared = self._prepare(parsed)
@@ -226,13 +233,15 @@ class OpenAIServer:
             # scheduler still gets its own status code.
             first = await anext(deltas, None)
             if not parsed.stream:
-                text, last = [], first
+                text, logprobs, last = [], [], first
                 if first is not None:
                     text.append(first.text)
+                    logprobs.extend(first.logprobs)
                 async for delta in deltas:
                     text.append(delta.text)
+                    logprobs.extend(delta.logprobs)
                     last = delta
-                return web.json_response(fmt.full("".join(text), last))
+                return web.json_response(fmt.full("".join(text), last, logprobs))
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
             await self._stream(response, first, deltas, parsed, fmt)
@@ -245,8 +254,10 @@ class OpenAIServer:
             last = None
             delta = first
             while delta is not None:
-                if delta.text or delta.finish_reason:
-                    chunk = fmt.chunk(delta.text, delta.finish_reason, parsed.include_usage)
+                if delta.text or delta.finish_reason or delta.logprobs:
+                    chunk = fmt.chunk(
+                        delta.text, delta.finish_reason, parsed.include_usage, delta.logprobs
+                    )
                     await response.write(_sse(chunk))
                 last = delta
                 delta = await anext(deltas, None)
@@ -273,23 +284,61 @@ def _finish(reason: str | None) -> str | None:
 
 
 class _CompletionFormat:
+    """OpenAI's text_completion objects; logprobs in the legacy completions layout."""
+
     opening = None  # no first chunk of its own
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, parsed: OpenAIRequest, token_text=None) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
+        self.want_logprobs = parsed.sampling.logprobs
+        self.token_text = token_text or str
+        self._text_offset = 0
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, last: Delta | None) -> dict[str, Any]:
+    def logprobs(self, items: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        tokens = [self.token_text(lp.token_id) for lp in items]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [
+                {self.token_text(t): v for t, v in lp.top} if lp.top else None for lp in items
+            ],
+            "text_offset": offsets,
+        }
+
+    def full(self, text: str, last: Delta | None, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         reason = _finish(last.finish_reason if last else None)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": self.logprobs(logprobs),
+            "finish_reason": reason,
+        }
         return {**self._base("text_completion"), "choices": [choice], "usage": _usage(last)}
 
-    def chunk(self, text: str, reason: str | None, include_usage: bool) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(reason)}
+    def chunk(
+        self,
+        text: str,
+        reason: str | None,
+        include_usage: bool,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": self.logprobs(logprobs or []),
+            "finish_reason": _finish(reason),
+        }
         chunk = {**self._base("text_completion"), "choices": [choice]}
         if include_usage:
             chunk["usage"] = None
@@ -300,30 +349,60 @@ class _CompletionFormat:
 
 
 class _ChatFormat(_CompletionFormat):
+    """OpenAI's chat.completion objects; logprobs as `{"content": [...]}`."""
+
     opening = ""  # the first chunk carries the role
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, parsed: OpenAIRequest, token_text=None) -> None:
+        super().__init__(model, parsed, token_text)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self._sent_role = False
 
-    def full(self, text: str, last: Delta | None) -> dict[str, Any]:
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    def logprobs(self, items: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        return {
+            "content": [
+                {
+                    **self._entry(lp.token_id, lp.logprob),
+                    "top_logprobs": [self._entry(t, v) for t, v in lp.top],
+                }
+                for lp in items
+            ]
+        }
+
+    def full(self, text: str, last: Delta | None, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": self.logprobs(logprobs),
             "finish_reason": _finish(last.finish_reason if last else None),
         }
         return {**self._base("chat.completion"), "choices": [choice], "usage": _usage(last)}
 
-    def chunk(self, text: str, reason: str | None, include_usage: bool) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str,
+        reason: str | None,
+        include_usage: bool,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         if not self._sent_role:
             delta["role"] = "assistant"
             self._sent_role = True
         if text or not reason:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(reason)}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": self.logprobs(logprobs or []) if logprobs else None,
+            "finish_reason": _finish(reason),
+        }
         chunk = {**self._base("chat.completion.chunk"), "choices": [choice]}
         if include_usage:
             chunk["usage"] = None

@@ -148,7 +148,12 @@ def _stop(value: Any) -> list[str]:
     raise InvalidArgumentError("stop", f"must be a string or a list of strings, got {_kind(value)}")
 
 
-def _common(body: dict[str, Any], allowed: set[str], max_tokens_field: str) -> dict[str, Any]:
+def _common(
+    body: dict[str, Any],
+    allowed: set[str],
+    max_tokens_field: str,
+    logprobs: tuple[bool, int, str] = (False, 0, "top_logprobs"),
+) -> dict[str, Any]:
     for name in body:
         if name not in allowed:
             raise InvalidArgumentError(name, "unknown field")
@@ -174,6 +179,9 @@ def _common(body: dict[str, Any], allowed: set[str], max_tokens_field: str) -> d
         seed=seed,
         stop=_stop(body.get("stop")),
         ignore_eos=_opt(body, "ignore_eos", _bool) or False,
+        logprobs=logprobs[0],
+        top_logprobs=logprobs[1],
+        top_logprobs_field=logprobs[2],
     )
     stream = _opt(body, "stream", _bool) or False
     include_usage = False
@@ -198,9 +206,11 @@ def _common(body: dict[str, Any], allowed: set[str], max_tokens_field: str) -> d
 
 
 def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
-    common = _common(body, COMPLETION_FIELDS, "max_tokens")
-    if body.get("logprobs") is not None:
-        raise InvalidArgumentError("logprobs", "is not supported yet")
+    # Completions: logprobs = N asks for the sampled token's logprob and N alternatives.
+    top = _opt(body, "logprobs", _int, -MAX_INT32, MAX_INT32)
+    if top is not None and top < 0:
+        raise InvalidArgumentError("logprobs", f"must be in [0, 20], got {top}")
+    common = _common(body, COMPLETION_FIELDS, "max_tokens", (top is not None, top or 0, "logprobs"))
     if body.get("echo") not in (None, False):
         raise InvalidArgumentError("echo", "is not supported (only false)")
     if body.get("suffix") is not None:
@@ -237,11 +247,10 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
         raise InvalidArgumentError(
             "max_tokens", "set max_tokens or max_completion_tokens, not both"
         )
-    common = _common(body, CHAT_FIELDS, max_field)
-    if body.get("logprobs") not in (None, False):
-        raise InvalidArgumentError("logprobs", "is not supported yet")
-    if body.get("top_logprobs") is not None:
-        raise InvalidArgumentError("top_logprobs", "is not supported yet")
+    # Chat: logprobs = true asks for each token's logprob, top_logprobs = N for alternatives.
+    logprobs = _opt(body, "logprobs", _bool) or False
+    top = _opt(body, "top_logprobs", _int, -MAX_INT32, MAX_INT32) or 0
+    common = _common(body, CHAT_FIELDS, max_field, (logprobs, top, "top_logprobs"))
     return OpenAIRequest(
         prompt=None, prompt_ids=None, messages=_messages(body.get("messages")), **common
     )

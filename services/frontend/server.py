@@ -90,6 +90,8 @@ class GenerationServicer:
             seed=request.seed if request.HasField("seed") else None,
             stop=list(request.stop),
             ignore_eos=request.ignore_eos,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         )
         kind = request.WhichOneof("input")
         if kind == "prompt":
@@ -115,7 +117,7 @@ class GenerationServicer:
         if isinstance(request, Undecodable):
             _raise_undecodable(request)
         prompt_ids, sampling = self._prepare(request)
-        prepared = self._core.prepare(prompt_ids, sampling)
+        prepared = self._core.prepare(prompt_ids, sampling, request.priority)
         async with aclosing(self._core.generate(prepared)) as deltas:
             async for delta in deltas:
                 response = pb.GenerateResponse(request_id=delta.job_id)
@@ -126,6 +128,13 @@ class GenerationServicer:
                     continue
                 response.text = delta.text
                 response.token_ids.extend(delta.token_ids)
+                response.logprobs.extend(
+                    pb.TokenLogprobs(
+                        logprob=lp.logprob,
+                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+                    )
+                    for lp in delta.logprobs
+                )
                 if delta.finish_reason:
                     response.finish_reason = _FINISH[delta.finish_reason]
                     response.usage.prompt_tokens = delta.num_prompt_tokens

@@ -9,6 +9,7 @@ from services.common.errors import InvalidArgumentError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,8 @@ class SamplingRequest:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool
+    logprobs: bool = False  # return each token's log-probability ...
+    top_logprobs: int = 0  # ... and this many most likely alternatives
 
 
 def check_sampling(
@@ -33,6 +36,9 @@ def check_sampling(
     seed: int | None,
     stop: list[str],
     ignore_eos: bool,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    top_logprobs_field: str = "top_logprobs",
 ) -> SamplingRequest:
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgumentError("max_tokens", f"must be >= 1, got {max_tokens}")
@@ -50,6 +56,12 @@ def check_sampling(
     for i, s in enumerate(stop):
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidArgumentError(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgumentError(
+            top_logprobs_field, f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"
+        )
+    if top_logprobs and not logprobs:
+        raise InvalidArgumentError(top_logprobs_field, "needs logprobs")
     return SamplingRequest(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -58,6 +70,8 @@ def check_sampling(
         seed=seed,
         stop=tuple(stop),
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.worker.v1 import worker_pb2 as wpb
-from services.scheduler.core import Decision, Event, EventKind, FinishReason, Job, SamplingParams
+from services.scheduler.core import (
+    Decision,
+    Event,
+    EventKind,
+    FinishReason,
+    Job,
+    SamplingParams,
+    TokenLogprobs,
+)
 
 _EVENT_KINDS = {
     EventKind.QUEUED: spb.EVENT_KIND_QUEUED,
@@ -31,6 +39,8 @@ def job_from_submit(submit: spb.Submit, job_id: str) -> Job:
         top_p=s.top_p if s.top_p else 1.0,
         top_k=s.top_k,
         seed=s.seed if s.has_seed else None,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
     )
     return Job(
         job_id=job_id,
@@ -50,7 +60,18 @@ def event_to_pb(event: Event, job_id: str) -> spb.JobEvent:
         queue_level=event.queue_level,
         finish_reason=_FINISH_REASONS[event.finish_reason],
         error=event.error,
+        logprobs=[
+            spb.TokenLogprobs(
+                logprob=lp.logprob,
+                top=[spb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in event.logprobs
+        ],
     )
+
+
+def logprobs_from_pb(logprobs: wpb.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(logprobs.logprob, tuple((t.token_id, t.logprob) for t in logprobs.top))
 
 
 def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
@@ -67,6 +88,8 @@ def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
                 top_k=chunk.sampling.top_k,
                 seed=chunk.sampling.seed or 0,
                 has_seed=chunk.sampling.seed is not None,
+                logprobs=chunk.sampling.logprobs,
+                top_logprobs=chunk.sampling.top_logprobs,
             ),
         )
         for chunk in decision.chunks

@@ -17,9 +17,16 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from services.scheduler.core import Decision, Event, EventKind, Job, SchedulerCore
+from services.scheduler.core import (
+    Decision,
+    Event,
+    EventKind,
+    Job,
+    SchedulerCore,
+    TokenLogprobs,
+)
 from services.scheduler.pipeline import Pipeline
 from services.scheduler.worker_link import WorkerError
 
@@ -185,8 +192,10 @@ class Engine:
         for swap in result.swaps_done:
             if swap.ok:
                 self._swap_bytes[swap.swap_in] += swap.num_bytes
-        events = decision.events + self._core.update(decision, result.tokens, result.swaps_done)
-        self._publish(decision.iteration_id, events)
+        events = self._core.update(decision, result.tokens, result.swaps_done)
+        if result.logprobs:  # the core passes tokens on; their logprobs ride along here
+            events = [_with_logprobs(event, result.logprobs) for event in events]
+        self._publish(decision.iteration_id, decision.events + events)
         # Iteration = schedule + command round trip + update + publish; forward is the
         # workers' model time, so the difference is everything the spine adds.
         self._iteration_s.append(time.perf_counter() - started)
@@ -310,6 +319,11 @@ class Engine:
                 log.info("waiting for the workers: %s", exc)
                 time.sleep(WORKER_RETRY_S)
         self._core.recompute_all()
+
+
+def _with_logprobs(event: Event, logprobs: dict[str, TokenLogprobs]) -> Event:
+    found = logprobs.get(event.job_id) if event.token_ids else None
+    return replace(event, logprobs=[found]) if found is not None else event
 
 
 def _mean_ms(samples: deque[float]) -> float:

@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fastserve.worker.v1 import worker_pb2 as wpb
-from services.scheduler.convert import decision_to_command
-from services.scheduler.core import Decision, SwapResult
+from services.scheduler.convert import decision_to_command, logprobs_from_pb
+from services.scheduler.core import Decision, SwapResult, TokenLogprobs
 from services.scheduler.worker_link import WorkerError, WorkerInfo, WorkerLink
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class StepResult:
     tokens: dict[str, int]  # job id -> sampled token (from the last stage)
+    logprobs: dict[str, TokenLogprobs]  # job id -> its token's logprobs, for jobs that asked
     forward_s: float  # model time summed over the stages
     total_s: float  # the slowest stage's whole command
     num_used_blocks: int  # most blocks any stage holds for jobs after the command
@@ -189,6 +190,11 @@ class Pipeline:
         last = results[-1]
         return StepResult(
             tokens={t.job_id: t.token_id for t in last.tokens},
+            logprobs={
+                t.job_id: logprobs_from_pb(t.logprobs)
+                for t in last.tokens
+                if t.HasField("logprobs")
+            },
             forward_s=sum(r.forward_us for r in results) / 1e6,
             total_s=max(r.total_us for r in results) / 1e6,
             num_used_blocks=max(r.num_used_blocks for r in results),

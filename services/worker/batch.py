@@ -9,6 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities from the model's distribution (before temperature, top-k, top-p) of a
+    sampled token and of the most likely tokens."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
@@ -20,6 +31,8 @@ class Sampling:
     # When set, the token at position p is drawn from a generator seeded from (seed, p), so
     # re-batching or recomputing a job after preemption samples the same token.
     seed: int | None = None
+    logprobs: bool = False  # return the sampled token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -28,6 +41,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:

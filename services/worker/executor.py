@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.worker.batch import SeqChunk
+from services.worker.batch import SeqChunk, TokenLogprobs
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
+from services.worker.sampler import logprobs
 from services.worker.swapper import SwapDone, Swapper
 
 
@@ -25,6 +26,7 @@ class StepOutput:
     tokens: list[tuple[str, int]]  # (job id, sampled token) for seqs that sampled (last stage)
     forward_s: float  # this stage's compute, without the wait for the previous stage
     wait_s: float = 0.0  # waiting for the previous stage's activations
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # jobs that asked
 
 
 class Executor:
@@ -113,22 +115,17 @@ class Executor:
         if not seqs:
             return StepOutput(tokens=[], forward_s=0.0)
         self._claim(seqs)
-        if self.stages is not None:
-            return self._stage_step(seqs, self.stages)
-        started = time.perf_counter()
-        sampled = self.runner.step(seqs)
-        forward_s = time.perf_counter() - started
-        tokens = [(seq.job_id, tok) for seq, tok in zip(seqs, sampled, strict=True) if seq.sample]
-        return StepOutput(tokens=[(j, t) for j, t in tokens if t is not None], forward_s=forward_s)
+        return self._stage_step(seqs, self.stages)
 
-    def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup) -> StepOutput:
-        """This stage's share of a step: embed or receive, run its layers, then send on or
-        sample. Every stage builds the same step inputs from the same command."""
+    def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup | None) -> StepOutput:
+        """This stage's share of a step (the whole model when `stages` is None): embed or
+        receive, run its layers, then send on or sample. Every stage builds the same step
+        inputs from the same command."""
         runner = self.runner
         started = time.perf_counter()
         inputs = runner.prepare(seqs)
         wait_s = 0.0
-        if stages.is_first:
+        if stages is None or stages.is_first:
             hidden = runner.embed(inputs)
         else:
             waiting = time.perf_counter()
@@ -138,14 +135,21 @@ class Executor:
             wait_s = time.perf_counter() - waiting
         hidden = runner.run_layers(hidden, inputs)
         tokens: list[tuple[str, int]] = []
-        if not stages.is_last:
+        job_logprobs: dict[str, TokenLogprobs] = {}
+        if stages is not None and not stages.is_last:
             stages.send_next(hidden)
         elif inputs.sample_seqs:
-            sampled = runner.sample(runner.compute_logits(hidden, inputs), inputs)
-            pairs = zip(inputs.sample_seqs, sampled, strict=True)
-            tokens = [(seqs[i].job_id, token) for i, token in pairs]
+            logits = runner.compute_logits(hidden, inputs)
+            sampled = runner.sample(logits, inputs)
+            job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
+            tokens = list(zip(job_ids, sampled, strict=True))
+            for job_id, lp in zip(
+                job_ids, logprobs(logits, sampled, inputs.sample_params), strict=True
+            ):
+                if lp is not None:
+                    job_logprobs[job_id] = lp
         forward_s = time.perf_counter() - started - wait_s
-        return StepOutput(tokens=tokens, forward_s=forward_s, wait_s=wait_s)
+        return StepOutput(tokens=tokens, forward_s=forward_s, wait_s=wait_s, logprobs=job_logprobs)
 
     def _claim(self, seqs: Sequence[SeqChunk]) -> None:
         block_size = self.runner.block_size

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.worker.batch import Sampling
+from services.worker.batch import Sampling, TokenLogprobs
 
 _MASK_64 = (1 << 64) - 1
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # odd constant, spreads seeds apart before adding the position
@@ -104,3 +104,29 @@ def _exponentials(
             generator.manual_seed(row_seed(param.seed, position))
             noise[row].exponential_(generator=generator)
     return noise
+
+
+def logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], params: Sequence[Sampling]
+) -> list[TokenLogprobs | None]:
+    """For the rows that asked: the log-probability of the sampled token and the top
+    alternatives, from the model's raw distribution (what OpenAI and vLLM report)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    if not rows:
+        return result
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen_ids = torch.tensor([tokens[i] for i in rows], device=logp.device)
+    chosen = logp.gather(1, chosen_ids[:, None]).squeeze(1).tolist()
+    num_top = max(params[i].top_logprobs for i in rows)
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if num_top:
+        values, ids = logp.topk(num_top, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, row in enumerate(rows):
+        n = params[row].top_logprobs
+        result[row] = TokenLogprobs(
+            chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+        )
+    return result

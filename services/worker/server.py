@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
-from services.worker.batch import Sampling, SeqChunk
+from services.worker.batch import Sampling, SeqChunk, TokenLogprobs
 from services.worker.executor import CommandError, Executor
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,18 @@ def chunk_from_pb(seq: wpb.SeqInput) -> SeqChunk:
             top_p=s.top_p or 1.0,
             top_k=s.top_k,
             seed=s.seed if s.has_seed else None,
+            logprobs=s.logprobs,
+            top_logprobs=s.top_logprobs,
         ),
+    )
+
+
+def _logprobs_pb(logprobs: TokenLogprobs | None) -> wpb.TokenLogprobs | None:
+    if logprobs is None:
+        return None
+    return wpb.TokenLogprobs(
+        logprob=logprobs.logprob,
+        top=[wpb.TopLogprob(token_id=t, logprob=lp) for t, lp in logprobs.top],
     )
 
 
@@ -72,7 +83,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if kind == "step":
                 output = self._executor.step([chunk_from_pb(s) for s in command.step.seqs])
                 result.tokens.extend(
-                    wpb.SampledToken(job_id=j, token_id=t) for j, t in output.tokens
+                    wpb.SampledToken(
+                        job_id=j, token_id=t, logprobs=_logprobs_pb(output.logprobs.get(j))
+                    )
+                    for j, t in output.tokens
                 )
                 result.forward_us = int(output.forward_s * 1e6)
                 result.wait_us = int(output.wait_s * 1e6)

@@ -79,7 +79,8 @@ def test_chat_messages_and_max_completion_tokens():
         ({"prompt": "x", "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
         ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "logprobs": 0}, "logprobs"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "extra": 0}, "extra"),
         ({"prompt": "\ud800"}, "prompt"),
         ({"prompt": {}}, "prompt"),
@@ -98,8 +99,12 @@ def test_bad_completion_fields_are_named(body, field):
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x", "tool": 1}]}, "messages[0].tool"),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 1}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
         (
             {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
              "max_completion_tokens": 2},

@@ -108,3 +108,26 @@ def test_rejects_bad_params_and_shapes():
         Sampling(top_k=-1)
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 5), [Sampling()], [0])
+
+
+def test_logprobs_are_the_raw_log_softmax_with_sorted_alternatives():
+    from services.worker.sampler import logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    params = [
+        Sampling(logprobs=True, top_logprobs=4),
+        Sampling(),  # did not ask
+        Sampling(temperature=0.7, logprobs=True),  # the raw distribution, not the tempered one
+    ]
+    tokens = [int(logits[0].argmax()), 5, 7]
+    result = logprobs(logits, tokens, params)
+    reference = torch.log_softmax(logits, dim=-1)
+    assert result[1] is None
+    assert result[0].logprob == pytest.approx(float(reference[0, tokens[0]]), abs=1e-6)
+    assert [t for t, _ in result[0].top] == reference[0].topk(4).indices.tolist()
+    assert result[0].top[0] == (tokens[0], pytest.approx(result[0].logprob))
+    assert result[2].logprob == pytest.approx(float(reference[2, 7]), abs=1e-6)
+    assert result[2].top == ()
+    with pytest.raises(ValueError, match="top_logprobs"):
+        Sampling(logprobs=True, top_logprobs=21)

@@ -12,7 +12,7 @@ from fastserve_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from fastserve_client.types import ChatMessage, Chunk, Completion, ModelInfo, Usage
+from fastserve_client.types import ChatMessage, Chunk, Completion, ModelInfo, TokenLogprob, Usage
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -29,6 +29,7 @@ __all__ = [
     "ModelInfo",
     "NotFoundError",
     "ResourceExhaustedError",
+    "TokenLogprob",
     "UnavailableError",
     "Usage",
 ]

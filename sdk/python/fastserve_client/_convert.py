@@ -12,6 +12,7 @@ from fastserve_client.types import (
     FinishReason,
     JobState,
     ModelInfo,
+    TokenLogprob,
     Usage,
 )
 
@@ -38,9 +39,11 @@ def generate_request(
     seed: int | None = None,
     stop: str | Iterable[str] | None = None,
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     model: str = "",
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; optional values left as None stay unset so the server's defaults apply."""
+    """A GenerateRequest; optional values left as None stay unset so the server's defaults apply.
+    `logprobs`: None for none, N for each token's log-probability and N alternatives."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt and messages")
     request = pb.GenerateRequest(model=model, ignore_eos=ignore_eos, stop=_stop_list(stop))
@@ -61,6 +64,9 @@ def generate_request(
         request.top_k = top_k
     if seed is not None:
         request.seed = seed
+    if logprobs is not None:
+        request.logprobs = True
+        request.top_logprobs = logprobs
     return request
 
 
@@ -97,6 +103,14 @@ def chunk_from_pb(response: pb.GenerateResponse) -> Chunk:
         request_id=response.request_id,
         text=response.text,
         token_ids=list(response.token_ids),
+        logprobs=[
+            TokenLogprob(
+                token_id=token,
+                logprob=lp.logprob,
+                top=[(t.token_id, t.logprob) for t in lp.top],
+            )
+            for token, lp in zip(response.token_ids, response.logprobs, strict=False)
+        ],
         finish_reason=_FINISH_REASONS.get(response.finish_reason),
         usage=(
             Usage(

@@ -81,6 +81,7 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[Chunk]:
@@ -98,6 +99,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         return self._stream(request, timeout)
@@ -113,6 +115,7 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[Chunk]:
@@ -126,6 +129,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         return self._stream(request, timeout)
@@ -142,6 +146,7 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -156,6 +161,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         builder = CompletionBuilder()

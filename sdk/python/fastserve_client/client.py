@@ -19,7 +19,15 @@ import grpc
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc as pb_grpc
 from fastserve_client import _convert, errors
-from fastserve_client.types import ChatMessage, Chunk, Completion, FinishReason, ModelInfo, Usage
+from fastserve_client.types import (
+    ChatMessage,
+    Chunk,
+    Completion,
+    FinishReason,
+    ModelInfo,
+    TokenLogprob,
+    Usage,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 INITIAL_BACKOFF_S = 0.1
@@ -62,6 +70,7 @@ class CompletionBuilder:
         self.request_id = ""
         self.texts: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.finish_reason: FinishReason | None = None
         self.usage: Usage | None = None
 
@@ -69,6 +78,7 @@ class CompletionBuilder:
         self.request_id = chunk.request_id or self.request_id
         self.texts.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
@@ -85,6 +95,7 @@ class CompletionBuilder:
             token_ids=self.token_ids,
             finish_reason=self.finish_reason,
             usage=self.usage,
+            logprobs=self.logprobs,
         )
 
 
@@ -133,13 +144,16 @@ class Client:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Iterator[Chunk]:
         """Streams the completion of `prompt`, sent as is (no chat template).
 
         Yields state chunks (queued, preempted, running) with empty text, text deltas, and a last
-        chunk with `finish_reason` and `usage`. Options left as None take the server's defaults.
+        chunk with `finish_reason` and `usage`. Options left as None take the server's defaults;
+        `logprobs=N` adds each token's log-probability and its N most likely alternatives
+        (`Chunk.logprobs`, 0 <= N <= 20).
         Stopping the iteration early cancels the generation on the server. Raises the typed
         errors of `fastserve_client.errors`.
         """
@@ -152,6 +166,7 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         return self._stream(request, timeout)
@@ -167,6 +182,7 @@ class Client:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Iterator[Chunk]:
@@ -183,6 +199,7 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         return self._stream(request, timeout)
@@ -199,6 +216,7 @@ class Client:
         seed: int | None = None,
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -213,6 +231,7 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
             model=model,
         )
         builder = CompletionBuilder()

@@ -20,6 +20,17 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability (from the model's distribution before temperature,
+    top-k and top-p) and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    # (token id, logprob) of the most likely tokens, most likely first.
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One message of a generation stream: a text delta, a state change, or the last message."""
 
@@ -37,6 +48,8 @@ class Chunk:
     state: JobState | None = None
     # Queue level (0 is the highest priority) when state is "queued".
     queue_level: int | None = None
+    # One per token id, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +66,8 @@ class Completion:
     finish_reason: FinishReason
     # Token counts, when the server reported them.
     usage: Usage | None
+    # One per token id, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

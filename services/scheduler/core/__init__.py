@@ -12,6 +12,7 @@ from services.scheduler.core.decision import (
     EventKind,
     ScheduledChunk,
     SwapResult,
+    TokenLogprobs,
 )
 from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState, SamplingParams
 from services.scheduler.core.scheduler import AdmissionError, SchedulerConfig, SchedulerCore
@@ -32,4 +33,5 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerCore",
     "SwapResult",
+    "TokenLogprobs",
 ]

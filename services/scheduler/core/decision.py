@@ -75,6 +75,15 @@ class EventKind(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely alternatives (as the worker
+    reports them; the core only passes them on)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """Something a frontend must hear about one of its jobs."""
 
@@ -84,3 +93,4 @@ class Event:
     queue_level: int = 0  # QUEUED
     finish_reason: FinishReason | None = None  # FINISHED
     error: str = ""  # REJECTED: names the offending field
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked

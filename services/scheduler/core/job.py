@@ -40,6 +40,8 @@ class SamplingParams:
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 disables
     seed: int | None = None  # reproducible sampling when set
+    logprobs: bool = False  # the worker returns each sampled token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives (<= 20)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -48,6 +50,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError("top_logprobs must be in [0, 20]")
 
 
 @dataclass(slots=True)
