@@ -107,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--kvstore-capacity-bytes", type=int, default=4 << 30, help="kvstore capacity")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="worker KV pool bytes")
     add_flag(parser, "--default-max-tokens", type=int, default=1024, help="when unset")
+    add_flag(
+        parser,
+        "--metrics",
+        action="store_true",
+        help="Prometheus /metrics ports on the scheduler and each worker (free ports, logged)",
+    )
     add_flag(parser, "--startup-timeout", type=float, default=900.0, help="seconds to get ready")
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
@@ -169,6 +175,8 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
     args.grpc_port = args.grpc_port or ports.pick(args.host)
     args.http_port = http_port(args, ports)
     common = ["--log-level", args.log_level, "--reuse-port"]
+    # Picked by the child, not reserved here: the metrics server cannot share a reserved port.
+    metrics = ["--metrics-port", "0"] if args.metrics else []
     model = ["--model", args.model]
     stage_flags: list[list[str]] = [[] for _ in worker_ports]
     pass_fds: tuple[int, ...] = ()
@@ -192,7 +200,8 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--load-format", args.load_format, "--device", args.device,
                 "--dtype", args.dtype, "--block-size", str(args.block_size),
                 "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
-                "--kvstore-address", f"{local}:{kv_port}", *stage_flags[index], *common,
+                "--kvstore-address", f"{local}:{kv_port}", *stage_flags[index], *metrics,
+                *common,
             ],
             f"{local}:{port}",
             # A worker holds only a cache: the scheduler re-prefills what a restart lost.
@@ -221,7 +230,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--swap-cost-scale", str(args.swap_cost_scale),
                 "--max-batch-size", str(args.max_batch_size),
-                "--max-batched-tokens", str(args.max_batched_tokens), *common,
+                "--max-batched-tokens", str(args.max_batched_tokens), *metrics, *common,
             ],
             f"{local}:{sched_port}",
         ),

@@ -11,11 +11,13 @@ from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
+from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.core.policy import make_policy
 from services.scheduler.discovery import add_discovery_arguments, discovery_from_args
 from services.scheduler.engine import Engine
+from services.scheduler.metrics import make_registry
 from services.scheduler.pipeline import Pipeline
 from services.scheduler.policy_flags import add_policy_arguments, policy_options
 from services.scheduler.profiler import load_or_measure
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
     add_flag(parser, "--port", type=int, default=50052, help="gRPC port (0 picks a free one)")
     add_reuse_port_flag(parser)
+    add_metrics_port_flag(parser)
     add_flag(parser, "--worker-address", default="127.0.0.1:50061", help="worker stage 0")
     add_flag(parser, "--kvstore-address", default="127.0.0.1:50071", help="KV store")
     add_policy_arguments(parser)
@@ -130,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kv_policy != "recompute" and not info.swap_enabled:
         log.warning("kv policy %s needs a worker with a kvstore; recomputing", args.kv_policy)
     engine = Engine(SchedulerCore(config, policy, profile=profile), worker)
+    metrics = start_metrics_server(
+        make_registry(lambda: engine.stats), args.host, args.metrics_port, "scheduler"
+    )
     engine.start()
     server, health = build_server([SERVICE_NAME], reuse_port=args.reuse_port)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
@@ -143,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     def stop() -> None:
         set_health(health, [SERVICE_NAME], serving=False)
         server.stop(grace=2).wait()
+        if metrics is not None:
+            metrics.stop()
         engine.stop()
         discovery.stop()
 

@@ -13,6 +13,7 @@ from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
 from services.common.lifecycle import announce_ready, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
+from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.common.model_source import (
     DEFAULT_MODEL,
     LOAD_FORMATS,
@@ -21,6 +22,7 @@ from services.common.model_source import (
     resolve_model,
 )
 from services.worker.executor import Executor
+from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import BACKENDS, StageGroup
 from services.worker.server import SERVICE_NAME, WorkerServicer
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
     add_flag(parser, "--port", type=int, default=50061, help="gRPC port (0 picks a free one)")
     add_reuse_port_flag(parser)
+    add_metrics_port_flag(parser)
     add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
     add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -155,8 +158,13 @@ def run(args: argparse.Namespace) -> int:
         args.block_size,
         info.device,
     )
+    executor = Executor(runner, swapper, stages)
+    metrics = WorkerMetrics(executor, info)
+    metrics_server = start_metrics_server(
+        metrics.registry, args.host, args.metrics_port, f"worker stage {args.stage_index}"
+    )
     server, health = build_server([SERVICE_NAME], max_workers=8, reuse_port=args.reuse_port)
-    servicer = WorkerServicer(Executor(runner, swapper, stages), info)
+    servicer = WorkerServicer(executor, info, observer=metrics.observe)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()
@@ -166,5 +174,7 @@ def run(args: argparse.Namespace) -> int:
     def stop() -> None:
         set_health(health, [SERVICE_NAME], serving=False)
         server.stop(grace=1).wait()
+        if metrics_server is not None:
+            metrics_server.stop()
 
     return run_until_signal("worker", stop)
