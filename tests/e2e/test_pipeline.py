@@ -16,8 +16,10 @@ from tests.stack import Stack, pid_alive
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # Few blocks and a small batch: jobs of mixed lengths are preempted (skip-join MLFQ) and
-# swapped or recomputed while S batches are in flight.
-PRESSURE = ("--kv-blocks", "16", "--max-batch-size", "3", "--reserve-blocks", "2")
+# swapped (swap cost 0: always swap rather than recompute) while S batches are in flight;
+# each stage swaps its own shard and the scheduler joins the stages' completions.
+PRESSURE = ("--kv-blocks", "16", "--max-batch-size", "3", "--reserve-blocks", "2",
+            "--swap-cost-scale", "0")  # fmt: skip
 
 
 def stage_pid(stack: Stack, index: int) -> int:
@@ -54,6 +56,8 @@ def test_stages_give_the_reference_output(
     assert all(s.num_commands > 0 and s.busy_s > 0 for s in stats.stages)
     assert stats.stages[0].wait_s == 0 and stats.stages[-1].wait_s > 0
     assert all(s.num_used_blocks == 0 for s in stats.stages)
+    assert stats.num_swapped_in_jobs > 0 and stats.num_swap_failures == 0, stats
+    assert stats.swap_in_bytes == stats.swap_out_bytes > 0  # every shard came back
 
 
 @pytest.mark.parametrize("stage", [0, 1])
