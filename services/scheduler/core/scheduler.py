@@ -33,7 +33,6 @@ from services.scheduler.core.decision import (
 from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState
 from services.scheduler.core.kv_planner import KV_POLICIES, SwapCostModel
 from services.scheduler.core.memory import KvMemory, Plan
-from services.scheduler.core.mlfq import MlfqPolicy
 from services.scheduler.core.policy import Policy, make_policy
 from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
 
@@ -315,7 +314,7 @@ class SchedulerCore:
         num_running = sum(1 for job_id in self._running_ids if job_id in self._jobs)
         running = set(self._running_ids)
         levels = [self.policy.level(j) for j in self._jobs.values() if j.job_id not in running]
-        quanta = self.policy.quanta if isinstance(self.policy, MlfqPolicy) else ()
+        quanta: Sequence[float] = getattr(self.policy, "quanta", ())  # MLFQ levels
         num_jobs_per_level = [0] * max(len(quanta), 1, *(level + 1 for level in levels))
         for level in levels:
             num_jobs_per_level[level] += 1
