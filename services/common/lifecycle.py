@@ -12,20 +12,30 @@ log = logging.getLogger(__name__)
 GRACE_S = 3.0
 
 
-def wait_for_signal() -> int:
-    """Blocks the main thread until SIGTERM or SIGINT; returns the signal number."""
-    received: list[int] = []
-    done = threading.Event()
+_received: list[int] = []
+_stop_requested = threading.Event()
+
+
+def catch_stop_signals() -> None:
+    """Routes SIGTERM / SIGINT to `wait_for_signal`. Call it before announcing readiness: a
+    launcher may stop the service the moment it reads the ready line, and a signal that comes
+    before the handler is installed would kill the process without its cleanup."""
 
     def handler(signum: int, _frame: object) -> None:
-        received.append(signum)
-        done.set()
+        _received.append(signum)
+        _stop_requested.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while not done.wait(0.5):
+
+
+def wait_for_signal() -> int:
+    """Blocks the main thread until SIGTERM or SIGINT; returns the signal number."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        catch_stop_signals()
+    while not _stop_requested.wait(0.5):
         pass
-    return received[0]
+    return _received[0]
 
 
 def run_until_signal(name: str, stop: Callable[[], None]) -> int:

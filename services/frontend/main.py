@@ -139,12 +139,12 @@ async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
         log.info("frontend: API keys required")
     link.start()
     await link.connected.wait()
-    announce_ready("frontend", f"{args.host}:{port}")
-
+    # Handlers before the ready line: a launcher may stop us the moment it reads it.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    announce_ready("frontend", f"{args.host}:{port}")
     await stopping.wait()
     log.info("frontend: stopping")
     await set_health(health, [SERVICE_NAME], serving=False)

@@ -9,7 +9,12 @@ import redis
 
 from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag
-from services.common.lifecycle import GRACE_S, announce_ready, run_until_signal
+from services.common.lifecycle import (
+    GRACE_S,
+    announce_ready,
+    catch_stop_signals,
+    run_until_signal,
+)
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.kvstore.backend import KVBackend, MemoryBackend
 from services.kvstore.redis_backend import DEFAULT_PREFIX, RedisBackend, redact_url
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         redact_url(args.backend),
         shm.directory if shm else "off",
     )
+    catch_stop_signals()
     announce_ready("kvstore", f"{_url_host(args.host)}:{port}")
 
     def stop() -> None:

@@ -12,7 +12,10 @@ each other's files:
   `<prefix>f-<n>`       a spare: a released value's file, kept to be filled again
   `<prefix>h-<n>`       a copy made for one GetShm, given to the client
   `<prefix>probe`       a token: a client that reads it there shares the directory with the store
-On shutdown the store removes every file with its prefix, a client's leftovers included.
+  `<prefix>lock`        held locked (flock) for the store's life
+On shutdown the store removes every file with its prefix, a client's leftovers included. A store
+killed before it could (SIGKILL, OOM) leaves its files behind; the next store to open the
+directory removes every prefix whose lock file it can lock, i.e. whose owner is gone.
 
 Recycling: a new tmpfs file costs the kernel a page allocation and zeroing per 4 KiB (about
 1.7 GB/s here), while writing over an existing file runs at memcpy speed (about 12 GB/s). So the
@@ -28,6 +31,7 @@ is whole. A client must not touch a file after handing it over.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import mmap
@@ -158,7 +162,14 @@ class ShmArea:
         self._spares: dict[int, list[str]] = {}  # size -> paths of spare files
         self._pool_bytes = 0
         self._handouts: dict[str, float] = {}  # path -> time.monotonic() when made
+        # The lock first, so a sweeper never sees this store's files without it; locked before
+        # it is renamed into place, so no sweeper can find it unlocked while this store lives.
+        lock_path = self._path(self.prefix + "lock")
+        self._lock_fd = os.open(lock_path + ".new", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(lock_path + ".new", lock_path)
         write_file(self._path(self.probe_name), self.probe_token.encode())
+        sweep_dead_stores(self.directory)
 
     def check_client_segment(self, name: str, total_bytes: int) -> str:
         """The path of a client's segment; FieldError naming shm_name or meta.total_bytes when
@@ -255,6 +266,7 @@ class ShmArea:
                     remove(entry.path)
                     num_removed += 1
         log.info("removed %d shared-memory files from %s", num_removed, self.directory)
+        os.close(self._lock_fd)
 
     def _take_spare(self, num_bytes: int, name: str) -> str | None:
         """Renames a spare of `num_bytes` to `name`; its new path, or None if there is none."""
@@ -286,6 +298,40 @@ class ShmArea:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
+
+
+def sweep_dead_stores(directory: str) -> int:
+    """Removes the files of stores that died without cleaning up (their lock file is not held
+    any more); returns how many files went."""
+    dead = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(NAME_PREFIX) and entry.name.endswith("-lock")):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except OSError:
+                continue  # removed meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its store is alive
+            finally:
+                os.close(fd)
+            dead.append(entry.name.removesuffix("lock"))
+    if not dead:
+        return 0
+    num_removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            # The lock file last, so a sweep that stops half-way is finished by the next one.
+            if entry.name.startswith(tuple(dead)) and not entry.name.endswith("-lock"):
+                remove(entry.path)
+                num_removed += 1
+    for prefix in dead:
+        remove(os.path.join(directory, prefix + "lock"))
+    log.info("removed %d files of %d dead stores from %s", num_removed, len(dead), directory)
+    return num_removed
 
 
 def remove(path: str) -> None:

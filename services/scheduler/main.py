@@ -9,7 +9,7 @@ from pathlib import Path
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
-from services.common.lifecycle import announce_ready, run_until_signal
+from services.common.lifecycle import announce_ready, catch_stop_signals, run_until_signal
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.scheduler.core import SchedulerConfig, SchedulerCore
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     port = bind(server, f"{args.host}:{args.port}")
     server.start()
     set_health(health, [SERVICE_NAME], serving=True)
+    catch_stop_signals()
     announce_ready("scheduler", f"{args.host}:{port}")
 
     def stop() -> None:

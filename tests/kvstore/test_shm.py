@@ -259,7 +259,8 @@ def test_pool_off_removes_released_files(shm_dir: Path) -> None:
             client.put_bytes(BlockKey("no-pool", 0, 0), *make_value(MIB), use_shm=True)
             assert client.delete_job("no-pool") == 1
             assert sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix)) == [
-                f"{prefix}probe"
+                f"{prefix}lock",
+                f"{prefix}probe",
             ]
     finally:
         assert stop_kvstore(kvstore) == 0
@@ -353,10 +354,33 @@ def test_sigterm_removes_every_file_of_the_store(shm_dir: Path) -> None:
         client.put_bytes(BlockKey("left", 0, 9), *make_value(MIB), use_shm=False)
         _client_file(shm_dir, client, 100)  # as a client that died before PutShm would leave
         mine = [name for name in os.listdir(shm_dir) if name.startswith(prefix)]
-        assert len(mine) == 4 + 1 + 1  # values, the leaked file, the probe
+        assert len(mine) == 4 + 1 + 1 + 1  # values, the leaked file, the probe, the lock
 
     assert stop_kvstore(kvstore) == 0
     assert [name for name in os.listdir(shm_dir) if name.startswith(prefix)] == []
+
+
+def test_a_killed_stores_files_are_removed_by_the_next_store(kvstore, shm_dir: Path) -> None:
+    """SIGKILL leaves the files behind; the next store on the directory sweeps them, and only
+    them: a live store's files (the module's `kvstore`, whose lock is held) stay."""
+    with KVStoreClient(kvstore.address) as live:
+        live_prefix = live.info().shm_client_prefix.removesuffix("c-")
+        live.put_bytes(BlockKey("live", 0, 0), *make_value(MIB), use_shm=True)
+    victim = start_store(shm_dir)
+    with KVStoreClient(victim.address) as client:
+        dead_prefix = client.info().shm_client_prefix.removesuffix("c-")
+        for block_id in range(3):
+            client.put_bytes(BlockKey("dead", 0, block_id), *make_value(MIB, seed=block_id))
+    victim.process.kill()
+    victim.process.wait(timeout=10)
+    assert len([n for n in os.listdir(shm_dir) if n.startswith(dead_prefix)]) == 3 + 2
+    live_before = sorted(n for n in os.listdir(shm_dir) if n.startswith(live_prefix))
+    successor = start_store(shm_dir)
+    try:
+        assert [n for n in os.listdir(shm_dir) if n.startswith(dead_prefix)] == []
+        assert sorted(n for n in os.listdir(shm_dir) if n.startswith(live_prefix)) == live_before
+    finally:
+        assert stop_kvstore(successor) == 0
 
 
 def test_store_without_shm_falls_back_to_grpc(shm_dir: Path) -> None:
@@ -417,7 +441,8 @@ def test_redis_backend_copies_segments_in(shm_dir, redis_url, redis_prefix) -> N
             assert client.delete_job("redis-shm") == 1
             assert client.get_bytes(key, use_shm=True) is None
         assert sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix)) == [
-            f"{prefix}probe"
+            f"{prefix}lock",
+            f"{prefix}probe",
         ]  # the client removed its spares on close
     finally:
         assert stop_kvstore(kvstore) == 0
