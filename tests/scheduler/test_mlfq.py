@@ -52,7 +52,15 @@ def test_defaults_come_from_the_profile():
     )
     options = MlfqOptions.from_profile(profile, max_model_len=1024, max_batch_size=16)
     assert options.base_quantum_s == pytest.approx(0.02)  # one lone decode iteration
-    assert options.quanta[options.num_queues - 3] >= 0.5  # the last-but-two covers any prefill
+    # The last quantum covers the longest job alone: a full prefill, then decoding to the end.
+    assert options.quanta[-1] >= 0.5 + 1024 * 0.02
+    assert options.quanta[-2] < 0.5 + 1024 * 0.02  # and no more queues than that needs
+    tiny = MlfqOptions.from_profile(
+        PerformanceProfile(prefill_s=((1, 1e-3), (512, 5e-3)), decode_s=((1, 1e-3),)),
+        max_model_len=512,
+        max_batch_size=1,
+    )
+    assert tiny.num_queues == 11  # 1 ms .. 1.02 s: not 4 queues ending at 8 ms
     assert options.starvation_s == pytest.approx(200 * 0.015)
 
 

@@ -71,13 +71,19 @@ class MlfqOptions:
         **overrides: Any,
     ) -> MlfqOptions:
         """Defaults derived from the engine's speed: q0 is one lone decode iteration; enough
-        queues that the last quantum covers the longest prefill, plus two for long decodes;
-        the starvation threshold is 200 full-batch decode iterations, clamped to [0.5, 5] s."""
+        queues that the last quantum covers the longest possible job run alone (a full-context
+        prefill, then decoding to the end of the context), at most 16; the starvation
+        threshold is 200 full-batch decode iterations, clamped to [0.5, 5] s.
+
+        Why the longest job and not the longest prefill: the last queue is FIFO, so once jobs
+        sink to it the policy is FCFS among them. Sized for prefills only (the old rule), the
+        tiny test model got 4 queues spanning 2-19 ms: a 4-token job sank to the last queue
+        behind a 250-token one after 3 tokens and waited for all of it."""
         q0 = float(overrides.pop("base_quantum_s", profile.decode_time(1)))
         ratio = float(overrides.pop("quantum_ratio", 2.0))
-        longest = profile.prefill_time(max_model_len)
+        longest = profile.prefill_time(max_model_len) + max_model_len * profile.decode_time(1)
         needed = 1 + math.ceil(math.log(max(longest / q0, 1.0), max(ratio, 1.0001)))
-        num_queues = int(overrides.pop("num_queues", min(needed + 2, 16)))
+        num_queues = int(overrides.pop("num_queues", min(needed, 16)))
         starvation = overrides.pop(
             "starvation_s", min(max(200 * profile.decode_time(max_batch_size), 0.5), 5.0)
         )
