@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from services.common.errors import (
     InvalidArgumentError,
@@ -137,7 +138,7 @@ class GenerationCore:
             max_tokens=request.max_tokens,
             stop_token_ids=sorted(self.model.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
-            sampling=spb.SamplingParams(
+            sampling=cpb.SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,

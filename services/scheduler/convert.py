@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.worker.v1 import worker_pb2 as wpb
 from services.scheduler.core import (
@@ -61,16 +62,16 @@ def event_to_pb(event: Event, job_id: str) -> spb.JobEvent:
         finish_reason=_FINISH_REASONS[event.finish_reason],
         error=event.error,
         logprobs=[
-            spb.TokenLogprobs(
+            cpb.TokenLogprobs(
                 logprob=lp.logprob,
-                top=[spb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+                top=[cpb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
             )
             for lp in event.logprobs
         ],
     )
 
 
-def logprobs_from_pb(logprobs: wpb.TokenLogprobs) -> TokenLogprobs:
+def logprobs_from_pb(logprobs: cpb.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(logprobs.logprob, tuple((t.token_id, t.logprob) for t in logprobs.top))
 
 
@@ -82,7 +83,7 @@ def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
             start_pos=chunk.start_pos,
             block_ids=chunk.block_ids,
             sample=chunk.sample,
-            sampling=wpb.SamplingParams(
+            sampling=cpb.SamplingParams(
                 temperature=chunk.sampling.temperature,
                 top_p=chunk.sampling.top_p,
                 top_k=chunk.sampling.top_k,

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
 from services.worker.batch import Sampling, SeqChunk, TokenLogprobs
@@ -36,12 +37,12 @@ def chunk_from_pb(seq: wpb.SeqInput) -> SeqChunk:
     )
 
 
-def _logprobs_pb(logprobs: TokenLogprobs | None) -> wpb.TokenLogprobs | None:
+def _logprobs_pb(logprobs: TokenLogprobs | None) -> cpb.TokenLogprobs | None:
     if logprobs is None:
         return None
-    return wpb.TokenLogprobs(
+    return cpb.TokenLogprobs(
         logprob=logprobs.logprob,
-        top=[wpb.TopLogprob(token_id=t, logprob=lp) for t, lp in logprobs.top],
+        top=[cpb.TopLogprob(token_id=t, logprob=lp) for t, lp in logprobs.top],
     )
 
 

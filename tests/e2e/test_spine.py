@@ -254,12 +254,13 @@ def test_every_service_serves_health_and_reflection(stack):
 
 
 def test_scheduler_rejects_a_malformed_submit_and_keeps_serving(stack):
+    from fastserve.common.v1 import sampling_pb2 as cpb
     from fastserve.scheduler.v1 import scheduler_pb2 as spb
     from fastserve.scheduler.v1 import scheduler_pb2_grpc
 
     bad = spb.Submit(job_id="bad", prompt_token_ids=[], max_tokens=4)
     good = spb.Submit(
-        job_id="good", prompt_token_ids=[1, 2, 3], max_tokens=2, sampling=spb.SamplingParams()
+        job_id="good", prompt_token_ids=[1, 2, 3], max_tokens=2, sampling=cpb.SamplingParams()
     )
     done = threading.Event()
 
