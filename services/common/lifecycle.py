@@ -31,8 +31,7 @@ def catch_stop_signals() -> None:
 
 def wait_for_signal() -> int:
     """Blocks the main thread until SIGTERM or SIGINT; returns the signal number."""
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        catch_stop_signals()
+    catch_stop_signals()  # idempotent: a signal that came before stays recorded
     while not _stop_requested.wait(0.5):
         pass
     return _received[0]

@@ -288,12 +288,12 @@ class _CompletionFormat:
 
     opening = None  # no first chunk of its own
 
-    def __init__(self, model: str, parsed: OpenAIRequest, token_text=None) -> None:
+    def __init__(self, model: str, parsed: OpenAIRequest, token_text: Callable[[int], str]) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.want_logprobs = parsed.sampling.logprobs
-        self.token_text = token_text or str
+        self.token_text = token_text  # a token id as text, for logprobs
         self._text_offset = 0
 
     def _base(self, obj: str) -> dict[str, Any]:
@@ -353,7 +353,7 @@ class _ChatFormat(_CompletionFormat):
 
     opening = ""  # the first chunk carries the role
 
-    def __init__(self, model: str, parsed: OpenAIRequest, token_text=None) -> None:
+    def __init__(self, model: str, parsed: OpenAIRequest, token_text: Callable[[int], str]) -> None:
         super().__init__(model, parsed, token_text)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self._sent_role = False

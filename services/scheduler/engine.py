@@ -36,6 +36,9 @@ SEPARATOR = "/"  # internal job id = "<frontend id>/<frontend's job id>"
 IDLE_WAIT_S = 0.05
 WORKER_RETRY_S = 0.5
 SWAP_POLL_S = 0.001
+# Stats are a snapshot for Stats and /metrics: taking one walks every job, so a busy loop
+# refreshes it at most this often (and always when it goes idle).
+STATS_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,7 @@ class Engine:
         self._forward_s: deque[float] = deque(maxlen=1000)
         self._worker_used_blocks = 0
         self._stats = EngineStats()
+        self._stats_at = 0.0  # time.perf_counter() of the last snapshot
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # -- called from gRPC threads ----------------------------------------------------------
@@ -195,15 +199,18 @@ class Engine:
         events = self._core.update(decision, result.tokens, result.swaps_done)
         if result.logprobs:  # the core passes tokens on; their logprobs ride along here
             events = [_with_logprobs(event, result.logprobs) for event in events]
-        self._publish(decision.iteration_id, decision.events + events)
-        # Iteration = schedule + command round trip + update + publish; forward is the
-        # workers' model time, so the difference is everything the spine adds.
+        # Iteration = schedule + command round trip + update; forward is the workers' model
+        # time, so the difference is everything the spine adds.
         self._iteration_s.append(time.perf_counter() - started)
         self._forward_s.append(result.forward_s)
         self._worker_used_blocks = result.num_used_blocks
-        self._publish_stats()
+        # Stats before events: a caller that has its last token also sees its job counted.
+        self._publish_stats(force=any(e.kind is EventKind.FINISHED for e in events))
+        self._publish(decision.iteration_id, decision.events + events)
 
     def _drain_inbox(self, block: bool) -> None:
+        if block:  # going idle: the snapshot must show where the last iteration left things
+            self._publish_stats(force=True)
         try:
             item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -216,7 +223,7 @@ class Engine:
             except queue.Empty:
                 break
         self._publish(0, events)
-        self._publish_stats()
+        self._publish_stats(force=True)
 
     def _apply(self, item: tuple) -> list[Event]:
         kind, frontend_id, *rest = item
@@ -255,7 +262,11 @@ class Engine:
                 if outbox is not None:
                     outbox.put(Outgoing(iteration_id, items))
 
-    def _publish_stats(self) -> None:
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._stats_at < STATS_INTERVAL_S:
+            return
+        self._stats_at = now
         core = self._core.stats()
         with self._outboxes_lock:
             num_frontends = len(self._outboxes)

@@ -108,7 +108,8 @@ def test_dropping_a_stream_cancels_the_job_and_frees_its_blocks(stack):
             received += len(chunk.token_ids)
             if received >= 5:
                 break
-        busy = stack.scheduler_stats()
+        # Stats are a snapshot refreshed at most every 50 ms while the engine is busy.
+        busy = stack.wait_for_stats(lambda s: s.num_free_blocks < s.num_total_blocks, 5.0)
         stream.close()
     assert busy.num_free_blocks < busy.num_total_blocks  # the job held blocks mid-stream
     stats = stack.wait_for_stats(
