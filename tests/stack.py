@@ -118,6 +118,21 @@ class Stack:
                 return stats
             time.sleep(0.05)
 
+    def wait_until_idle(self, predicate=lambda s: True, timeout_s: float = 20.0):
+        """Stats once no job is left and every block is free, on the scheduler and on every
+        stage. The workers free a finished job's blocks when the next command reaches them,
+        so the scheduler's own count reads all-free an iteration before the stages do."""
+        return self.wait_for_stats(
+            lambda s: (
+                s.num_free_blocks == s.num_total_blocks
+                and s.num_worker_used_blocks == 0
+                and all(stage.num_used_blocks == 0 for stage in s.stages)
+                and s.num_running_jobs == s.num_waiting_jobs == 0
+                and predicate(s)
+            ),
+            timeout_s,
+        )
+
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -324,24 +324,12 @@ def raw_sse(stack, body: dict, close_after: int | None) -> str:
     return received.decode(errors="replace")
 
 
-def wait_all_free(stack, predicate=lambda s: True):
-    return stack.wait_for_stats(
-        lambda s: (
-            s.num_free_blocks == s.num_total_blocks
-            and s.num_worker_used_blocks == 0
-            and s.num_running_jobs == s.num_waiting_jobs == 0
-            and predicate(s)
-        ),
-        timeout_s=20,
-    )
-
-
 def test_http_disconnect_cancels_the_job(stack):
     before = stack.scheduler_stats()
     body = {"prompt": "Tell me a long story", "max_tokens": 400, "ignore_eos": True}
     received = raw_sse(stack, {**body, "stream": True}, close_after=3)
     assert received.count("data: ") >= 3
-    stats = wait_all_free(stack, lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs)
+    stats = stack.wait_until_idle(lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs)
     assert stats.num_cancelled_jobs == before.num_cancelled_jobs + 1
     assert stats.num_free_blocks == stats.num_total_blocks
 
@@ -366,7 +354,7 @@ def test_two_hundred_dropped_streams_leave_no_blocks(stack):
     with ThreadPoolExecutor(20) as pool:
         for result in [pool.submit(fn, n) for fn, n in jobs]:
             result.result()
-    stats = wait_all_free(stack)
+    stats = stack.wait_until_idle()
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_worker_used_blocks == 0
     # Nearly all were dropped mid-job (a job can finish or never reach the scheduler first).
@@ -483,5 +471,5 @@ def test_a_full_queue_answers_429_and_resource_exhausted(keyed_stack):
     assert "in flight" in str(grpc_info.value)
     for stream in streams:
         stream.close()
-    wait_all_free(keyed_stack)
+    keyed_stack.wait_until_idle()
     assert good.completions.create(model=keyed_stack.model, prompt="Hi", max_tokens=2).usage

@@ -46,7 +46,7 @@ def test_stages_give_the_reference_output(
     stack = Stack.start(tiny_model_dir, *PRESSURE, "--stages", str(stages))
     try:
         outputs = run_all(stack)
-        stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+        stats = stack.wait_until_idle()
     finally:
         assert stack.stop() == 0
     assert outputs == single_stage_outputs

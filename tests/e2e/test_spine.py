@@ -61,7 +61,7 @@ def test_sixteen_concurrent_greedy_requests_match_transformers(
         ref = hf_greedy(tiny_hf_model, prompt_ids, max_tokens)
         assert_greedy_matches(tiny_hf_model, prompt_ids, result.token_ids, ref)
         assert result.text == tiny_tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+    stats = stack.wait_until_idle()
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_worker_used_blocks == 0
 
@@ -112,13 +112,7 @@ def test_dropping_a_stream_cancels_the_job_and_frees_its_blocks(stack):
         busy = stack.wait_for_stats(lambda s: s.num_free_blocks < s.num_total_blocks, 5.0)
         stream.close()
     assert busy.num_free_blocks < busy.num_total_blocks  # the job held blocks mid-stream
-    stats = stack.wait_for_stats(
-        lambda s: (
-            s.num_cancelled_jobs > before.num_cancelled_jobs
-            and s.num_free_blocks == s.num_total_blocks
-            and s.num_worker_used_blocks == 0
-        )
-    )
+    stats = stack.wait_until_idle(lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs)
     assert stats.num_cancelled_jobs == before.num_cancelled_jobs + 1
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_worker_used_blocks == 0

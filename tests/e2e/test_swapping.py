@@ -57,7 +57,7 @@ def test_swapped_jobs_keep_exact_output_in_memory(
     stack = Stack.start(tiny_model_dir, *PRESSURE, "--kv-policy", kv_policy)
     try:
         outputs = run_all(stack)
-        stats = stack.wait_for_stats(lambda s: s.num_free_blocks == s.num_total_blocks)
+        stats = stack.wait_until_idle()
     finally:
         assert stack.stop() == 0
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
