@@ -62,6 +62,7 @@ class StageView:
     busy_s: float
     wait_s: float
     wall_s: float
+    num_total_blocks: int = 0  # the stage's own KV pool, from its Info (0: not known yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +315,7 @@ class Engine:
                     busy_s=tally.busy_s,
                     wait_s=tally.wait_s,
                     wall_s=now - tally.first_command_at if tally.first_command_at else 0.0,
+                    num_total_blocks=info.num_blocks if info else 0,
                 )
             )
         return tuple(views)

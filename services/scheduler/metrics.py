@@ -91,6 +91,11 @@ def _stage_metrics(s: EngineStats) -> Iterator[Metric]:
     used = GaugeMetricFamily(
         PREFIX + "stage_kv_blocks_used", "KV blocks the stage reports in use", labels=["stage"]
     )
+    free = GaugeMetricFamily(
+        PREFIX + "stage_kv_blocks_free",
+        "KV blocks of the stage's own pool not in use (its total minus used)",
+        labels=["stage"],
+    )
     commands = CounterMetricFamily(
         PREFIX + "stage_commands", "Commands the stage answered", labels=["stage"]
     )
@@ -106,10 +111,12 @@ def _stage_metrics(s: EngineStats) -> Iterator[Metric]:
         stage = str(view.stage_index)
         info.add_metric([stage, view.address, str(view.first_layer), str(view.num_layers)], 1)
         used.add_metric([stage], view.num_used_blocks)
+        if view.num_total_blocks:  # known once the stage has answered Info
+            free.add_metric([stage], view.num_total_blocks - view.num_used_blocks)
         commands.add_metric([stage], view.num_commands)
         busy.add_metric([stage], view.busy_s)
         wait.add_metric([stage], view.wait_s)
-    yield from (info, used, commands, busy, wait)
+    yield from (info, used, free, commands, busy, wait)
 
 
 def make_registry(read_stats: Callable[[], EngineStats]) -> CollectorRegistry:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.scheduler.engine import EngineStats, StageView
+from services.scheduler.engine import Engine, EngineStats, StageView
 from services.scheduler.metrics import make_registry
+from services.scheduler.pipeline import Pipeline
+from services.scheduler.worker_link import WorkerInfo
 from tests.scheduler.factories import make_jobs, make_scheduler, run_iteration
 
 
@@ -31,6 +33,7 @@ def stage(index: int, **overrides) -> StageView:
         busy_s=1.5 + index,
         wait_s=0.25 * index,
         wall_s=9.0,
+        num_total_blocks=64,
     )
     values.update(overrides)
     return StageView(**values)
@@ -53,7 +56,7 @@ def test_collector_exports_counters_gauges_levels_and_stages():
         num_preempted_jobs=2,
         num_preemptions=6,
         num_jobs_per_level=(1, 0, 4),
-        stages=(stage(0), stage(1)),
+        stages=(stage(0), stage(1, num_total_blocks=80), stage(2, num_total_blocks=0)),
     )
     metrics = scrape(stats)
     prefix = "fastserve_scheduler_"
@@ -76,11 +79,55 @@ def test_collector_exports_counters_gauges_levels_and_stages():
     assert value("mean_forward_seconds") == 0.02
     assert [value("queue_depth", level=str(k)) for k in range(3)] == [1, 0, 4]
     assert value("stage_kv_blocks_used", stage="1") == 11
+    # Each stage's own pool minus its own use; a stage whose pool is unknown has no series.
+    assert value("stage_kv_blocks_free", stage="0") == 64 - 10
+    assert value("stage_kv_blocks_free", stage="1") == 80 - 11
+    assert (prefix + "stage_kv_blocks_free", (("stage", "2"),)) not in metrics
     assert value("stage_busy_seconds_total", stage="1") == 2.5
     assert value("stage_wait_seconds_total", stage="1") == 0.25
     assert value("stage_commands_total", stage="0") == 100
     info = {"stage": "1", "address": "10.0.0.1:50061", "first_layer": "4", "num_layers": "4"}
     assert value("stage_info", **info) == 1
+
+
+def worker_info(stage_index: int, num_blocks: int) -> WorkerInfo:
+    return WorkerInfo(
+        model_name="tiny",
+        num_blocks=num_blocks,
+        block_size=16,
+        max_model_len=512,
+        device="cpu",
+        dtype="float32",
+        vocab_size=100,
+        block_bytes=4096,
+        swap_enabled=False,
+        stage_index=stage_index,
+        num_stages=2,
+        first_layer=2 * stage_index,
+        num_layers=2,
+        num_total_layers=4,
+    )
+
+
+def test_engine_snapshot_gives_each_stage_its_own_pool_size():
+    # Stages with pools of different sizes (the scheduler itself allocates from the smaller).
+    pipeline = Pipeline(["127.0.0.1:1", "127.0.0.1:2"])  # channels connect lazily: none here
+    try:
+        pipeline.stages = [worker_info(0, 100), worker_info(1, 80)]  # as wait_for_info sets
+        pipeline.tallies[0].num_used_blocks = 30  # as collect() records each stage's result
+        pipeline.tallies[1].num_used_blocks = 5
+        engine = Engine(make_scheduler(num_blocks=80), pipeline)
+        engine._publish_stats(force=True)  # what the loop does after an iteration
+        metrics = scrape(engine.stats)
+    finally:
+        pipeline.close()
+    free = {
+        dict(labels)["stage"]: value
+        for (name, labels), value in metrics.items()
+        if name == "fastserve_scheduler_stage_kv_blocks_free"
+    }
+    assert free == {"0": 70, "1": 75}
+    assert metrics[("fastserve_scheduler_kv_blocks_free", ())] == 80
 
 
 def test_collector_reads_the_latest_snapshot_at_each_scrape():
