@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -33,15 +34,17 @@ from services.kvstore.server import (
     stats_from_pb,
 )
 from services.kvstore.shm import (
+    Buffer,
+    Buffers,
     StoreInfo,
+    byte_views,
+    num_bytes_of,
     overwrite_or_write,
     read_into,
     remove,
 )
 
 log = logging.getLogger(__name__)
-
-Buffer = bytes | bytearray | memoryview
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -84,19 +87,43 @@ class KVStoreClient:
         self._spares: dict[int, list[str]] = {}  # size -> paths of our spare files
 
     def put_bytes(
-        self, key: BlockKey, meta: TensorMeta, data: Buffer, *, use_shm: bool | None = None
+        self, key: BlockKey, meta: TensorMeta, data: Buffers, *, use_shm: bool | None = None
     ) -> int:
-        """Stores `data` (meta.total_bytes long) under `key`; returns the bytes stored. Through
-        shared memory when the store is on this host, else gRPC streaming; `use_shm` forces one
-        way (True raises ShmUnavailableError when shm cannot be used). StoreFullError when full.
-        `data` may be reused as soon as this returns."""
+        """Stores `data` (meta.total_bytes long: one buffer, or several back to back) under
+        `key`; returns the bytes stored. Through shared memory when the store is on this host,
+        else gRPC streaming; `use_shm` forces one way (True raises ShmUnavailableError when shm
+        cannot be used). StoreFullError when full. `data` may be reused once this returns."""
+        _check_size(data, meta)
+        if self._shm_target(use_shm) is None:
+            return self.put(key, meta, data)
+        return self.commit(self.stage(meta, data, use_shm=use_shm), key)
+
+    def stage(self, meta: TensorMeta, data: Buffers, *, use_shm: bool | None = None) -> Staged:
+        """First half of `put_bytes`: copies `data` out now (into a shared-memory file when
+        the store is on this host: the value's only copy; else into a private buffer), so the
+        caller may reuse `data` at once; `commit` then stores it, from any thread."""
+        num_bytes = _check_size(data, meta)
         info = self._shm_target(use_shm)
         if info is not None:
+            new_path = os.path.join(info.shm_dir, f"{info.shm_client_prefix}{uuid.uuid4().hex}")
             try:
-                return self._put_shm(info, key, meta, data, forced=use_shm is True)
+                path = overwrite_or_write(self._take_spare(num_bytes), new_path, data)
+            except OSError as exc:  # the tmpfs is full, or the directory went away
+                if use_shm:
+                    raise
+                log.debug("cannot write %s (%s): using gRPC streaming", new_path, exc)
+            else:
+                return Staged(meta, info=info, path=path, forced=use_shm is True)
+        return Staged(meta, data=b"".join(byte_views(data)))
+
+    def commit(self, staged: Staged, key: BlockKey) -> int:
+        """Second half of `put_bytes`: stores what `stage` copied out under `key`."""
+        if staged.info is not None:
+            try:
+                return self._put_shm(staged, key)
             except _FallBack:
                 pass
-        return self.put(key, meta, data)
+        return self.put(key, staged.meta, staged.take_bytes())
 
     def get_bytes(
         self, key: BlockKey, *, use_shm: bool | None = None
@@ -112,18 +139,19 @@ class KVStoreClient:
         return self.get(key)
 
     def get_into(
-        self, key: BlockKey, out: Buffer, *, use_shm: bool | None = None
+        self, key: BlockKey, out: Buffers, *, use_shm: bool | None = None
     ) -> TensorMeta | None:
-        """Copies the value under `key` into the writable buffer `out` (from its start; `out`
-        must hold meta.total_bytes) and returns its meta; None when missing, and then what `out`
-        holds is unspecified. One copy on the shm path. `use_shm` as in `put_bytes`."""
-        target = memoryview(out).cast("B")
-        if target.readonly:
+        """Copies the value under `key` into `out` (one writable buffer, or several filled in
+        turn; together at least meta.total_bytes) and returns its meta; None when missing, and
+        then what `out` holds is unspecified. One copy on the shm path, straight into `out`.
+        `use_shm` as in `put_bytes`."""
+        targets = byte_views(out)
+        if any(target.readonly for target in targets):
             raise ValueError("out must be writable")
         info = self._shm_target(use_shm)
         if info is not None:
             try:
-                copied = self._get_shm(info, key, target, forced=use_shm is True)
+                copied = self._get_shm(info, key, targets, forced=use_shm is True)
             except _FallBack:
                 pass
             else:
@@ -131,8 +159,13 @@ class KVStoreClient:
         value = self.get(key)
         if value is None:
             return None
-        _check_fits(target, value[0])
-        target[: value[0].total_bytes] = value[1]
+        _check_fits(targets, value[0])
+        source = memoryview(value[1])
+        for target in targets:
+            if not source:
+                break
+            part, source = source[: target.nbytes], source[target.nbytes :]
+            target[: part.nbytes] = part
         return value[0]
 
     def info(self) -> StoreInfo:
@@ -142,8 +175,10 @@ class KVStoreClient:
         """Whether this process can use the store's shared-memory fast path (asked once)."""
         return self._shm_target(None) is not None
 
-    def put(self, key: BlockKey, meta: TensorMeta, data: Buffer) -> int:
-        """Stores `data` under `key`; returns the bytes stored."""
+    def put(self, key: BlockKey, meta: TensorMeta, data: Buffers) -> int:
+        """Stores `data` under `key` by gRPC streaming; returns the bytes stored."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            data = b"".join(byte_views(data))
         try:
             reply = self._stub.Put(_put_chunks(key, meta, data), timeout=self.timeout_s)
         except grpc.RpcError as exc:
@@ -227,42 +262,36 @@ class KVStoreClient:
         if not keep:
             remove(path)
 
-    def _put_shm(
-        self, info: StoreInfo, key: BlockKey, meta: TensorMeta, data: Buffer, *, forced: bool
-    ) -> int:
-        """Stored bytes; raises _FallBack to go through gRPC streaming instead."""
-        num_bytes = memoryview(data).nbytes
-        if num_bytes != meta.total_bytes:
-            raise ValueError(f"got {num_bytes} bytes, meta.total_bytes is {meta.total_bytes}")
-        new_path = os.path.join(info.shm_dir, f"{info.shm_client_prefix}{uuid.uuid4().hex}")
-        try:
-            path = overwrite_or_write(self._take_spare(num_bytes), new_path, data)
-        except OSError as exc:  # the tmpfs is full, or the directory went away
-            if forced:
-                raise
-            log.debug("cannot write %s (%s): using gRPC streaming", new_path, exc)
-            raise _FallBack from exc
+    def _put_shm(self, staged: Staged, key: BlockKey) -> int:
+        """Hands the staged file to the store; raises _FallBack (the bytes kept in `staged`)
+        to go through gRPC streaming instead."""
+        assert staged.info is not None
         request = kvstore_pb2.PutShmRequest(
-            key=key_to_pb(key), meta=meta_to_pb(meta), shm_name=os.path.basename(path)
+            key=key_to_pb(key), meta=meta_to_pb(staged.meta), shm_name=os.path.basename(staged.path)
         )
         try:
             reply = self._stub.PutShm(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            remove(path)  # NOTE: on error the file is still ours; on success it is the store's
+            # NOTE: on error the file is still ours; on success it is the store's.
+            fall_back = not staged.forced and exc.code() in _SHM_FALLBACK_CODES
+            if fall_back and exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                staged.keep_bytes()  # read back before the file goes
+            remove(staged.path)
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise StoreFullError(exc.details()) from exc
-            if forced or exc.code() not in _SHM_FALLBACK_CODES:
+            if not fall_back:
                 raise
             log.info("kvstore PutShm failed (%s: %s): using gRPC", exc.code(), exc.details())
             self._forget_shm()
             raise _FallBack from exc
         if reply.free_shm_name:
-            self._keep_spare(os.path.join(info.shm_dir, reply.free_shm_name), num_bytes)
+            spare = os.path.join(staged.info.shm_dir, reply.free_shm_name)
+            self._keep_spare(spare, staged.meta.total_bytes)
         return reply.stored_bytes
 
     def _get_shm(
-        self, info: StoreInfo, key: BlockKey, out: memoryview | None, *, forced: bool
-    ) -> tuple[TensorMeta, memoryview] | None:
+        self, info: StoreInfo, key: BlockKey, out: list[memoryview] | None, *, forced: bool
+    ) -> tuple[TensorMeta, memoryview | None] | None:
         """Copies the value into `out` (a new buffer when None); None on a miss. Raises
         _FallBack to go through gRPC streaming instead."""
         for _ in range(2):  # a value replaced while we copied it: ask once more
@@ -279,11 +308,12 @@ class KVStoreClient:
             meta = meta_from_pb(reply.meta)
             path = os.path.join(info.shm_dir, reply.shm_name)
             if out is None:
-                target = memoryview(bytearray(meta.total_bytes))
+                target: memoryview | None = memoryview(bytearray(meta.total_bytes))
+                targets = [target]
             else:
                 _check_fits(out, meta)
-                target = out
-            copied = read_into(path, target, meta.total_bytes)
+                target, targets = None, out
+            copied = read_into(path, targets, meta.total_bytes)
             if reply.client_owns:  # ours now: keep it to fill for a later put
                 spare = os.path.join(info.shm_dir, f"{info.shm_client_prefix}{uuid.uuid4().hex}")
                 try:
@@ -293,7 +323,7 @@ class KVStoreClient:
                 else:
                     self._keep_spare(spare, meta.total_bytes)
             if copied:
-                return meta, target[: meta.total_bytes]
+                return meta, None if target is None else target[: meta.total_bytes]
         return None  # released twice while we copied: deleted, as far as we can tell
 
     def close(self) -> None:
@@ -307,9 +337,39 @@ class KVStoreClient:
         self.close()
 
 
-def _check_fits(out: memoryview, meta: TensorMeta) -> None:
-    if out.nbytes < meta.total_bytes:
-        raise ValueError(f"out holds {out.nbytes} bytes, the value is {meta.total_bytes}")
+def _check_size(data: Buffers, meta: TensorMeta) -> int:
+    num_bytes = num_bytes_of(data)
+    if num_bytes != meta.total_bytes:
+        raise ValueError(f"got {num_bytes} bytes, meta.total_bytes is {meta.total_bytes}")
+    return num_bytes
+
+
+def _check_fits(out: list[memoryview], meta: TensorMeta) -> None:
+    num_bytes = sum(view.nbytes for view in out)
+    if num_bytes < meta.total_bytes:
+        raise ValueError(f"out holds {num_bytes} bytes, the value is {meta.total_bytes}")
+
+
+@dataclass(slots=True)
+class Staged:
+    """A value copied out by `KVStoreClient.stage`, waiting for `commit`: in a shared-memory
+    file of ours (`path`), or in `data`."""
+
+    meta: TensorMeta
+    info: StoreInfo | None = None  # the store's, when staged in shm
+    path: str = ""
+    forced: bool = False  # use_shm=True: no fallback to gRPC
+    data: bytes = b""
+
+    def keep_bytes(self) -> None:
+        """Reads the staged file back, for a fallback to gRPC streaming."""
+        with open(self.path, "rb", buffering=0) as file:
+            self.data = file.read()
+        self.info = None
+
+    def take_bytes(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
 
 
 def _put_chunks(key: BlockKey, meta: TensorMeta, data: Buffer) -> Iterator[kvstore_pb2.PutChunk]:

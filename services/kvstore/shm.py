@@ -41,7 +41,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,12 @@ HANDOUT_TTL_S = 60.0
 # Most bytes of released files kept as spares (see Recycling above).
 DEFAULT_POOL_LIMIT_BYTES = 256 * 1024 * 1024
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+# Most buffers one pwritev / preadv takes (Linux's UIO_MAXIOV).
+IOV_MAX = 1024
+
+Buffer = bytes | bytearray | memoryview
+# One buffer, or several that make up one value back to back.
+Buffers = Buffer | Sequence[Buffer]
 
 
 def host_id() -> str:
@@ -339,13 +345,14 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def write_file(path: str, data: bytes | bytearray | memoryview) -> None:
-    """Writes a new file (never an existing one) with one copy of `data`; a full tmpfs raises
-    OSError (ENOSPC) here rather than SIGBUS on a mapped page later."""
-    view = memoryview(data).cast("B")
+def write_file(path: str, data: Buffers) -> None:
+    """Writes a new file (never an existing one) with one copy of `data` (one buffer, or
+    several written back to back); a full tmpfs raises OSError (ENOSPC) here rather than
+    SIGBUS on a mapped page later."""
+    views = byte_views(data)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
-        _write_all(fd, view)
+        _write_all(fd, views)
     except BaseException:
         os.close(fd)
         remove(path)
@@ -353,18 +360,19 @@ def write_file(path: str, data: bytes | bytearray | memoryview) -> None:
     os.close(fd)
 
 
-def _overwrite(path: str, data: bytes | bytearray | memoryview) -> bool:
+def _overwrite(path: str, data: Buffers) -> bool:
     """Writes `data` over an existing file of exactly its size; False (and the file removed)
     when that is not possible."""
-    view = memoryview(data).cast("B")
+    views = byte_views(data)
+    num_bytes = sum(view.nbytes for view in views)
     try:
         fd = os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return False
     try:
-        if os.fstat(fd).st_size != len(view):
-            raise OSError(f"{path} is not {len(view)} bytes")
-        _write_all(fd, view)
+        if os.fstat(fd).st_size != num_bytes:
+            raise OSError(f"{path} is not {num_bytes} bytes")
+        _write_all(fd, views)
     except OSError:
         os.close(fd)
         remove(path)
@@ -373,7 +381,7 @@ def _overwrite(path: str, data: bytes | bytearray | memoryview) -> bool:
     return True
 
 
-def overwrite_or_write(path: str, new_path: str, data: bytes | bytearray | memoryview) -> str:
+def overwrite_or_write(path: str, new_path: str, data: Buffers) -> str:
     """Fills the spare at `path` (when given and still there) or else a new file at `new_path`;
     returns the path written."""
     if path and _overwrite(path, data):
@@ -382,10 +390,11 @@ def overwrite_or_write(path: str, new_path: str, data: bytes | bytearray | memor
     return new_path
 
 
-def read_into(path: str, out: memoryview, num_bytes: int) -> bool:
-    """Copies the file at `path` into out[:num_bytes]; True only when the file was there, was
-    `num_bytes` long, and still has that name after the copy, i.e. nobody could have written it
-    meanwhile (see the NOTE at the top)."""
+def read_into(path: str, out: Buffers, num_bytes: int) -> bool:
+    """Copies the file at `path` into the first `num_bytes` of `out` (one buffer, or several
+    filled in turn); True only when the file was there, was `num_bytes` long, and still has
+    that name after the copy, i.e. nobody could have written it meanwhile (see the NOTE at
+    the top)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -393,13 +402,8 @@ def read_into(path: str, out: memoryview, num_bytes: int) -> bool:
     try:
         if os.fstat(fd).st_size != num_bytes:
             return False
-        target = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-        done = 0
-        while done < num_bytes:
-            num_read = os.preadv(fd, [target[done:num_bytes]], done)
-            if num_read == 0:
-                return False
-            done += num_read
+        if not _read_all(fd, _first_bytes(byte_views(out), num_bytes)):
+            return False
         return _same_file(path, fd)
     finally:
         os.close(fd)
@@ -414,7 +418,60 @@ def _same_file(path: str, fd: int) -> bool:
     return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def byte_views(data: Buffers) -> list[memoryview]:
+    """`data` as flat byte views, without copying: one buffer, or a sequence of them (the
+    blocks of a KV pool, say, so that one system call moves them all: no staging copy)."""
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    return [memoryview(part).cast("B") for part in parts]
+
+
+def num_bytes_of(data: Buffers) -> int:
+    return sum(view.nbytes for view in byte_views(data))
+
+
+def _first_bytes(views: list[memoryview], num_bytes: int) -> list[memoryview]:
+    """The views cut down to their first `num_bytes` in all; ValueError if they hold fewer."""
+    kept = []
+    for view in views:
+        if num_bytes <= 0:
+            break
+        kept.append(view[:num_bytes])
+        num_bytes -= kept[-1].nbytes
+    if num_bytes > 0:
+        raise ValueError(f"buffers hold {num_bytes} bytes too few")
+    return kept
+
+
+def _advance(views: list[memoryview], num_done: int) -> list[memoryview]:
+    """What is left of `views` once their first `num_done` bytes are done."""
+    index = 0
+    while index < len(views) and num_done >= views[index].nbytes:
+        num_done -= views[index].nbytes
+        index += 1
+    rest = views[index:]
+    if rest and num_done:
+        rest[0] = rest[0][num_done:]
+    return rest
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """pwritev from offset 0 until everything is written (a call may write less)."""
     offset = 0
-    while offset < len(view):
-        offset += os.pwrite(fd, view[offset:], offset)
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        num_written = os.pwritev(fd, pending[:IOV_MAX], offset)
+        offset += num_written
+        pending = _advance(pending, num_written)
+
+
+def _read_all(fd: int, views: list[memoryview]) -> bool:
+    """preadv from offset 0 until the views are full; False when the file ends first."""
+    offset = 0
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        num_read = os.preadv(fd, pending[:IOV_MAX], offset)
+        if num_read == 0:
+            return False
+        offset += num_read
+        pending = _advance(pending, num_read)
+    return True

@@ -50,6 +50,8 @@ class Executor:
     def free(self, job_ids: Iterable[str]) -> None:
         """Releases jobs' device blocks and drops any kvstore copy of their KV."""
         job_ids = list(job_ids)
+        if self.swapper is not None:
+            self.swapper.settle(job_ids)  # a swap-in still writing their blocks finishes first
         self._release(job_ids)
         if self.swapper is not None:
             self.swapper.forget(job_ids)

@@ -117,6 +117,23 @@ class KVCache:
         index = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
         self.data.index_copy_(0, index, blocks.to(device=self.device, dtype=self.dtype))
 
+    def block_views(self, block_ids: Sequence[int]) -> list[memoryview]:
+        """The given blocks as byte views of the pool itself, in order (CPU pools only); a run
+        of consecutive block ids comes as one view. Swapping reads and writes these directly
+        (one pwritev / preadv against the kvstore's shared memory), with no staging copy."""
+        if self.data.device.type != "cpu":
+            raise ValueError("block_views needs a CPU pool")
+        runs: list[list[int]] = []  # [first, last] of each run of consecutive ids
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"block {block_id} out of [0, {self.num_blocks})")
+            if runs and block_id == runs[-1][1] + 1:
+                runs[-1][1] = block_id
+            else:
+                runs.append([block_id, block_id])
+        flat = self.data.view(self.num_blocks, -1).view(torch.uint8)
+        return [memoryview(flat[first : last + 1].numpy()).cast("B") for first, last in runs]
+
     def clear(self) -> None:
         """Zeroes every block. Not needed for correctness (positions are always written before
         they are read), but keeps stale data from leaking into debugging sessions."""

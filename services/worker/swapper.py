@@ -1,10 +1,16 @@
 """Moves jobs' KV blocks between this stage's device pool and the kvstore, in the background.
 
 Swap-out: the blocks are copied off the device at once (the next step may reuse them), then
-written to the kvstore by a background thread. Swap-in: a background thread reads the blocks
+handed to the kvstore by a background thread. Swap-in: a background thread reads the blocks
 from the kvstore and writes them into the device blocks the scheduler allocated, while steps
 run on other blocks; the scheduler runs the job only after a Result reports the swap done, so
 no step waits for a swap. One kvstore value per (job, stage) holds all of the job's blocks.
+
+On CPU with the kvstore on this host, each direction is one copy: swap-out writes the pool's
+blocks straight into a shared-memory file (one pwritev over views of the pool), swap-in reads
+the file straight into the allocated blocks (one preadv); only the file's name crosses gRPC.
+(Two copies through a host tensor ran at a third of memcpy speed, a fresh tensor's page faults
+costing more than the copies; see docs/kv-swapping.md.)
 
 On CUDA, host buffers are pinned and device copies run on a separate stream, so they overlap
 compute; the copy is complete (event synchronised) before a swap is reported done.
@@ -15,14 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
-from services.kvstore.client import KVStoreClient
+from services.kvstore.client import KVStoreClient, Staged
 from services.worker.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class Swapper:
         self.client = KVStoreClient(kvstore_address)
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="swap")
         self._in_flight: list[Future[SwapDone]] = []
+        self._swapping_in: dict[str, Future[SwapDone]] = {}  # job -> its latest swap-in
         # Each swap-out writes a new generation of the job's value (BlockKey.block_id), and
         # deletes name one generation: a late delete of an old copy, running on another
         # thread, can never remove the copy a newer swap-out just wrote.
@@ -74,23 +81,44 @@ class Swapper:
             generation = self._next_generation
             self._next_generation += 1
             self._putting.add(job_id)
-        host, ready = self._copy_to_host(block_ids)
-        self._in_flight.append(
-            self._pool.submit(self._put, job_id, generation, host, ready, started)
-        )
+        if self._cuda:
+            host, ready = self._copy_to_host(block_ids)
+            future = self._pool.submit(self._put, job_id, generation, host, ready, started)
+        else:
+            try:
+                staged = self._stage(block_ids)  # the one copy, now: the blocks may be reused
+            except Exception as exc:
+                self._end_put(job_id, None)
+                future = Future()
+                future.set_result(SwapDone(job_id, False, False, f"swap-out failed: {exc}"))
+            else:
+                future = self._pool.submit(self._commit, job_id, generation, staged, started)
+        self._in_flight.append(future)
 
     def swap_in(self, job_id: str, block_ids: Sequence[int]) -> None:
         started = time.perf_counter()
         with self._lock:
             generation = self._stored.get(job_id, -1)
-        self._in_flight.append(
-            self._pool.submit(self._get, job_id, generation, list(block_ids), started)
-        )
+        future = self._pool.submit(self._get, job_id, generation, list(block_ids), started)
+        self._in_flight.append(future)
+        self._swapping_in[job_id] = future
+
+    def settle(self, job_ids: Iterable[str], timeout_s: float = 30.0) -> None:
+        """Waits for the swap-ins of `job_ids` still writing into their blocks, so the blocks
+        can be released: the next job to get them must not see a late write."""
+        for job_id in job_ids:
+            future = self._swapping_in.pop(job_id, None)
+            if future is not None and not future.done():
+                try:
+                    future.result(timeout=timeout_s)
+                except Exception as exc:  # its SwapDone reports it; here only the wait matters
+                    log.debug("swap-in of %s: %s", job_id, exc)
 
     def poll(self) -> list[SwapDone]:
         """Swaps finished since the last poll."""
         done = [future for future in self._in_flight if future.done()]
         self._in_flight = [future for future in self._in_flight if not future.done()]
+        self._swapping_in = {j: f for j, f in self._swapping_in.items() if not f.done()}
         return [future.result() for future in done]
 
     def forget(self, job_ids: Iterable[str]) -> None:
@@ -108,8 +136,8 @@ class Swapper:
     # -- background work -------------------------------------------------------------------
 
     def _copy_to_host(self, block_ids: Sequence[int]) -> tuple[torch.Tensor, object]:
-        if not self._cuda:
-            return self.cache.read_blocks(block_ids), None
+        """CUDA: gathers the blocks on the compute stream, copies them to a pinned host tensor
+        on the copy stream; returns it with the event that marks the copy done."""
         assert self._copy_stream is not None
         index = torch.as_tensor(list(block_ids), device=self.cache.device)
         gathered = self.cache.data.index_select(0, index)  # on the compute stream
@@ -122,17 +150,53 @@ class Swapper:
             event.record(self._copy_stream)
         return host, event
 
+    def _stage(self, block_ids: Sequence[int]) -> Staged:
+        """Copies the blocks out of the CPU pool into what the kvstore will hold (its shared
+        memory on this host), in one pass."""
+        views = self.cache.block_views(block_ids)
+        shape = (len(block_ids), *self.cache.data.shape[1:])
+        meta = TensorMeta(
+            dtype=_DTYPE_NAMES[self.cache.dtype],
+            shape=shape,
+            total_bytes=sum(view.nbytes for view in views),
+        )
+        return self.client.stage(meta, views)
+
+    def _commit(self, job_id: str, generation: int, staged: Staged, started: float) -> SwapDone:
+        return self._store(
+            job_id,
+            generation,
+            started,
+            lambda key: self.client.commit(staged, key),
+            staged.meta.total_bytes,
+        )
+
     def _put(
         self, job_id: str, generation: int, host: torch.Tensor, ready, started: float
     ) -> SwapDone:
+        ready.synchronize()
+        data = host.contiguous().view(torch.uint8).numpy()
+        meta = TensorMeta(
+            dtype=_DTYPE_NAMES[host.dtype], shape=tuple(host.shape), total_bytes=data.nbytes
+        )
+        return self._store(
+            job_id,
+            generation,
+            started,
+            lambda key: self.client.put_bytes(key, meta, memoryview(data)),
+            data.nbytes,
+        )
+
+    def _store(
+        self,
+        job_id: str,
+        generation: int,
+        started: float,
+        put: Callable[[BlockKey], int],
+        num_bytes: int,
+    ) -> SwapDone:
         try:
-            if ready is not None:
-                ready.synchronize()
-            data = host.contiguous().view(torch.uint8).numpy()
-            meta = TensorMeta(
-                dtype=_DTYPE_NAMES[host.dtype], shape=tuple(host.shape), total_bytes=data.nbytes
-            )
-            self.client.put_bytes(self._key(job_id, generation), meta, memoryview(data))
+            put(self._key(job_id, generation))
         except StoreFullError as exc:
             self._end_put(job_id, None)
             return SwapDone(job_id, False, False, f"kvstore full: {exc}")
@@ -141,7 +205,7 @@ class Swapper:
             return SwapDone(job_id, False, False, f"swap-out failed: {exc}")
         if self._end_put(job_id, generation):  # the job ended meanwhile: nobody reads this
             self._delete(job_id, generation)
-        return SwapDone(job_id, False, True, "", data.nbytes, time.perf_counter() - started)
+        return SwapDone(job_id, False, True, "", num_bytes, time.perf_counter() - started)
 
     def _end_put(self, job_id: str, generation: int | None) -> bool:
         """Records a finished swap-out; True when the job was forgotten while it ran."""
@@ -156,16 +220,22 @@ class Swapper:
     def _get(self, job_id: str, generation: int, block_ids: list[int], started: float) -> SwapDone:
         expected = (len(block_ids), *self.cache.data.shape[1:])
         try:
-            # Read straight into a (pinned, on CUDA) host tensor of the expected shape: one copy
-            # from the kvstore's shared memory, one to the device.
-            host = torch.empty(expected, dtype=self.cache.dtype, pin_memory=self._cuda)
+            if generation < 0:
+                return SwapDone(job_id, True, False, "blocks missing from the kvstore")
             key = self._key(job_id, generation)
-            meta = self.client.get_into(key, host.view(torch.uint8).numpy().data)
+            if self._cuda:
+                # Into a pinned host tensor (one copy from the kvstore's shared memory), then
+                # to the device on the copy stream.
+                host = torch.empty(expected, dtype=self.cache.dtype, pin_memory=True)
+                meta = self.client.get_into(key, host.view(torch.uint8).numpy().data)
+            else:  # straight into the allocated blocks; nothing reads them until we report
+                meta = self.client.get_into(key, self.cache.block_views(block_ids))
             if meta is None:
                 return SwapDone(job_id, True, False, "blocks missing from the kvstore")
             if tuple(meta.shape) != expected or _DTYPES.get(meta.dtype) != self.cache.dtype:
                 return SwapDone(job_id, True, False, f"kvstore holds {meta}, expected {expected}")
-            self._copy_to_device(block_ids, host)
+            if self._cuda:
+                self._copy_to_device(block_ids, host)
         except Exception as exc:
             return SwapDone(job_id, True, False, f"swap-in failed: {exc}")
         # The device has it again; drop this copy (a later swap-out writes a new generation).
@@ -176,9 +246,6 @@ class Swapper:
         return SwapDone(job_id, True, True, "", meta.total_bytes, time.perf_counter() - started)
 
     def _copy_to_device(self, block_ids: list[int], blocks: torch.Tensor) -> None:
-        if not self._cuda:
-            self.cache.write_blocks(block_ids, blocks)
-            return
         assert self._copy_stream is not None
         with torch.cuda.stream(self._copy_stream):
             self.cache.write_blocks(block_ids, blocks.to(self.cache.device, non_blocking=True))

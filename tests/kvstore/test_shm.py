@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -124,6 +125,47 @@ def test_round_trip_is_byte_identical_and_the_store_keeps_the_file(client, shm_d
     client.put_bytes(key, meta, data, use_shm=True)
     with pytest.raises(ValueError, match="out holds"):
         client.get_into(key, bytearray(8), use_shm=True)
+    assert client.delete(key) is True
+
+
+def pieces(data: bytes, *cuts: int) -> list[memoryview]:
+    """`data` cut at the given offsets, as views: a value made of several buffers."""
+    bounds = [0, *cuts, len(data)]
+    return [memoryview(data)[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_values_of_several_buffers_go_out_and_come_back_in_place(client, use_shm) -> None:
+    """Scatter-gather: a value written from several buffers (a pool's block runs) and read
+    back into several, on both paths, byte-identical and in order."""
+    key = BlockKey("scatter", 0, 1)
+    meta, data = make_value(3 * MIB, seed=9)
+    assert client.put_bytes(key, meta, pieces(data, 1000, MIB + 3), use_shm=use_shm) == len(data)
+    outs = [bytearray(5), bytearray(2 * MIB), bytearray(len(data) - 2 * MIB - 5 + 7)]
+    assert client.get_into(key, outs, use_shm=use_shm) == meta
+    assert b"".join(outs)[: len(data)] == data and outs[-1][-7:] == bytes(7)
+    with pytest.raises(ValueError, match="out holds"):
+        client.get_into(key, [bytearray(10), bytearray(10)], use_shm=use_shm)
+    with pytest.raises(ValueError, match="total_bytes"):
+        client.put_bytes(key, meta, pieces(data, 10)[:1], use_shm=use_shm)
+    assert client.delete(key) is True
+
+
+def test_stage_copies_at_once_and_commit_stores_later(client, shm_dir) -> None:
+    """Swap-out's contract: after stage() the caller may overwrite its buffers (the next step
+    reuses the blocks); commit() from another thread stores what was there at stage()."""
+    key = BlockKey("staged", 0, 2)
+    meta, data = make_value(2 * MIB, seed=10)
+    source = bytearray(data)
+    staged = client.stage(meta, [memoryview(source)[:777], memoryview(source)[777:]])
+    assert staged.path and os.path.dirname(staged.path) == os.path.realpath(shm_dir)
+    source[:] = bytes(len(source))  # reused at once
+    done = []
+    thread = threading.Thread(target=lambda: done.append(client.commit(staged, key)))
+    thread.start()
+    thread.join()
+    assert done == [len(data)]
+    assert client.get_bytes(key, use_shm=True) == (meta, data)
     assert client.delete(key) is True
 
 
@@ -392,6 +434,13 @@ def test_store_without_shm_falls_back_to_grpc(shm_dir: Path) -> None:
             key = BlockKey("no-shm", 0, 0)
             meta, data = make_value(5 * MIB, seed=4)
             assert client.put_bytes(key, meta, data) == len(data)
+            assert client.get_bytes(key) == (meta, data)
+            # Staging without shm keeps a private copy, committed over gRPC.
+            source = bytearray(data)
+            staged = client.stage(meta, [source])
+            assert staged.path == "" and staged.data == data
+            source[:] = bytes(len(source))
+            assert client.commit(staged, key) == len(data)
             assert client.get_bytes(key) == (meta, data)
             with pytest.raises(ShmUnavailableError):
                 client.put_bytes(key, meta, data, use_shm=True)
