@@ -1,7 +1,8 @@
 """Optional API keys for both public surfaces.
 
 Keys come from `--api-key` (repeatable), FASTSERVE_API_KEY (comma-separated) and
-`--api-key-file` (one key a line, `#` comments). With none configured, nothing is checked.
+`--api-key-file` / FASTSERVE_API_KEY_FILE (one key a line, `#` comments). Both variables are read
+by the parser, like every FASTSERVE_<FLAG>. With no key configured, nothing is checked.
 Clients send `authorization: Bearer <key>`: an HTTP header, or gRPC metadata (the SDK does).
 Health, readiness, reflection and metrics stay open so probes and scrapers need no key.
 """
@@ -15,20 +16,25 @@ from pathlib import Path
 
 import grpc
 
+from services.common.flags import add_flag
+
 ENV_VAR = "FASTSERVE_API_KEY"
 # gRPC methods anyone may call: health checks and reflection.
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # FASTSERVE_API_KEY holds several keys, so it is this list's default rather than add_flag's
+    # single value; `--api-key` adds to it (argparse appends to a copy).
+    env_keys = [k.strip() for k in os.environ.get(ENV_VAR, "").split(",") if k.strip()]
     parser.add_argument(
         "--api-key",
         action="append",
-        default=[],
+        default=env_keys,
         help=f"a key clients must send as a bearer token (repeatable) [env {ENV_VAR}, "
         "comma-separated]",
     )
-    parser.add_argument("--api-key-file", default=None, help="a file of keys, one a line")
+    add_flag(parser, "--api-key-file", default=None, help="a file of keys, one a line")
 
 
 class ApiKeys:
@@ -38,7 +44,6 @@ class ApiKeys:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiKeys:
         keys = list(args.api_key or [])
-        keys += [k.strip() for k in os.environ.get(ENV_VAR, "").split(",")]
         if args.api_key_file:
             for line in Path(args.api_key_file).read_text().splitlines():
                 line = line.strip()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -102,55 +103,75 @@ def _build_grpc_server(
     return server, health
 
 
-async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
-    keys = ApiKeys.from_args(args)
-    server, health = _build_grpc_server(keys, reuse_port=args.reuse_port)
+@dataclass
+class Frontend:
+    """A started frontend: gRPC and (unless --http-port -1) HTTP serve, and the scheduler link
+    connects in the background. `_serve` runs one until a stop signal; tests start one directly."""
 
-    pending: set[asyncio.Task] = set()
+    grpc_port: int
+    http_port: int | None  # None: no HTTP
+    link: SchedulerLink
+    _server: grpc.aio.Server
+    _health: grpc_health.aio.HealthServicer
+    _http: OpenAIServer | None
+    _metrics: FrontendMetrics
 
-    def on_scheduler_state(connected: bool) -> None:
-        task = asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=connected))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+    @classmethod
+    async def start(cls, args: argparse.Namespace, model: ModelTokenizer) -> Frontend:
+        keys = ApiKeys.from_args(args)
+        server, health = _build_grpc_server(keys, reuse_port=args.reuse_port)
+        pending: set[asyncio.Task] = set()
 
-    link = SchedulerLink(args.scheduler_address, on_state=on_scheduler_state)
-    metrics = FrontendMetrics(args.scheduler_address)
-    limits = Limits(
-        max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests
-    )
-    core = GenerationCore(model, link, args.default_max_tokens, limits, metrics)
-    servicer = GenerationServicer(core)
-    server.add_generic_rpc_handlers([servicer.handlers()])
-    port = bind(server, f"{args.host}:{args.port}")
-    await set_health(health, [SERVICE_NAME], serving=False)
-    await server.start()
-    http = None
-    if args.http_port >= 0:
-        http = OpenAIServer(
-            core,
-            keys,
-            metrics,
-            max_body_bytes=args.max_body_bytes,
-            is_ready=link.connected.is_set,
+        def on_scheduler_state(connected: bool) -> None:
+            task = asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=connected))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        link = SchedulerLink(args.scheduler_address, on_state=on_scheduler_state)
+        metrics = FrontendMetrics(args.scheduler_address)
+        limits = Limits(
+            max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests
         )
-        http_port = await http.start(args.host, args.http_port, reuse_port=args.reuse_port)
-        log.info("frontend: OpenAI-compatible HTTP on http://%s:%d", args.host, http_port)
-    if keys.enabled:
-        log.info("frontend: API keys required")
-    link.start()
-    await link.connected.wait()
+        core = GenerationCore(model, link, args.default_max_tokens, limits, metrics)
+        server.add_generic_rpc_handlers([GenerationServicer(core).handlers()])
+        grpc_port = bind(server, f"{args.host}:{args.port}")
+        await set_health(health, [SERVICE_NAME], serving=False)
+        await server.start()
+        http, http_port = None, None
+        if args.http_port >= 0:
+            http = OpenAIServer(
+                core,
+                keys,
+                metrics,
+                max_body_bytes=args.max_body_bytes,
+                is_ready=link.connected.is_set,
+            )
+            http_port = await http.start(args.host, args.http_port, reuse_port=args.reuse_port)
+            log.info("frontend: OpenAI-compatible HTTP on http://%s:%d", args.host, http_port)
+        if keys.enabled:
+            log.info("frontend: API keys required")
+        link.start()
+        return cls(grpc_port, http_port, link, server, health, http, metrics)
+
+    async def stop(self) -> None:
+        await set_health(self._health, [SERVICE_NAME], serving=False)
+        if self._http is not None:
+            await self._http.stop()
+        await self._server.stop(grace=2)
+        await self.link.close()
+        await self._metrics.close()
+
+
+async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
+    frontend = await Frontend.start(args, model)
+    await frontend.link.connected.wait()
     # Handlers before the ready line: a launcher may stop us the moment it reads it.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    announce_ready("frontend", f"{args.host}:{port}")
+    announce_ready("frontend", f"{args.host}:{frontend.grpc_port}")
     await stopping.wait()
     log.info("frontend: stopping")
-    await set_health(health, [SERVICE_NAME], serving=False)
-    if http is not None:
-        await http.stop()
-    await server.stop(grace=2)
-    await link.close()
-    await metrics.close()
+    await frontend.stop()
     return 0

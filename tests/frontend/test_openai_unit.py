@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.frontend import auth
 from services.frontend.auth import ApiKeys
 from services.frontend.openai_http import error_of
 from services.frontend.openai_schema import ApiError, parse_chat, parse_completion, parse_json
@@ -151,27 +152,39 @@ def test_errors_map_to_openai_status_and_body():
     assert error_of(RuntimeError("boom")).status == 500
 
 
-def keys(*values: str, env: str = "", file: str | None = None) -> ApiKeys:
-    import os
+def keys(monkeypatch, *values: str, env: str = "", file: str | None = None) -> ApiKeys:
+    """Keys as `fastserve frontend` gets them: its parser reads FASTSERVE_API_KEY."""
+    monkeypatch.delenv("FASTSERVE_API_KEY_FILE", raising=False)
+    if env:
+        monkeypatch.setenv("FASTSERVE_API_KEY", env)
+    else:
+        monkeypatch.delenv("FASTSERVE_API_KEY", raising=False)
+    parser = argparse.ArgumentParser()
+    auth.add_arguments(parser)
+    argv = [arg for value in values for arg in ("--api-key", value)]
+    return ApiKeys.from_args(parser.parse_args(argv + (["--api-key-file", file] if file else [])))
 
-    old = os.environ.pop("FASTSERVE_API_KEY", None)
-    try:
-        if env:
-            os.environ["FASTSERVE_API_KEY"] = env
-        return ApiKeys.from_args(argparse.Namespace(api_key=list(values), api_key_file=file))
-    finally:
-        os.environ.pop("FASTSERVE_API_KEY", None)
-        if old is not None:
-            os.environ["FASTSERVE_API_KEY"] = old
 
-
-def test_api_keys_from_flags_env_and_file(tmp_path):
-    assert not keys().enabled and keys().allows(None)
+def test_api_keys_from_flags_env_and_file(tmp_path, monkeypatch):
+    assert not keys(monkeypatch).enabled and keys(monkeypatch).allows(None)
     path = tmp_path / "keys"
     path.write_text("# comment\nfile-key\n\n")
-    checker = keys("flag-key", env="env-a, env-b", file=str(path))
+    checker = keys(monkeypatch, "flag-key", env="env-a, env-b", file=str(path))
     for key in ["flag-key", "env-a", "env-b", "file-key"]:
         assert checker.allows(f"Bearer {key}"), key
         assert checker.allows(f"bearer {key}"), key
     for header in [None, "", "flag-key", "Basic flag-key", "Bearer wrong", "Bearer "]:
         assert not checker.allows(header), header
+
+
+def test_api_key_file_variable_alone_turns_keys_on(tmp_path, monkeypatch):
+    path = tmp_path / "keys"
+    path.write_text("only-key\n")
+    monkeypatch.delenv("FASTSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("FASTSERVE_API_KEY_FILE", str(path))
+    parser = argparse.ArgumentParser()
+    auth.add_arguments(parser)
+    checker = ApiKeys.from_args(parser.parse_args([]))
+    assert checker.enabled
+    assert checker.allows("Bearer only-key")
+    assert not checker.allows(None) and not checker.allows("Bearer other")
