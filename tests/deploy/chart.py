@@ -17,13 +17,6 @@ SERVICES = ("frontend", "scheduler", "worker", "kvstore")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
 
-# Flags the chart passes only behind a values switch that defaults off, for services whose
-# flag lands in a later issue. Once a service has the flag this list no longer matters.
-FUTURE_FLAGS = {
-    "frontend": {"--http-port"},
-}
-FUTURE_ENV = {"frontend": {"FASTSERVE_API_KEY", "FASTSERVE_API_KEY_FILE"}}
-
 
 def make_var(name: str) -> str:
     """A `NAME := value` of the Makefile, so these tests and `make helm-lint` cannot drift."""
@@ -35,14 +28,34 @@ def make_var(name: str) -> str:
 KUBE_VERSION = make_var("KUBE_VERSION")
 VALUES_FILES = {p.stem: p for p in sorted((ROOT / "deploy/k8s/values").glob("*.yaml"))}
 # Scenario -> (values file, --set flags). The four values files and the defaults are what
-# `make helm-lint` renders; "everything" switches on what no values file does.
+# `make helm-lint` renders; the others switch on what no values file does.
 SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
     "default": (None, ()),
     **{name: (path, ()) for name, path in VALUES_FILES.items()},
+    "grpc-only": (
+        None,
+        ("frontend.http.enabled=false", "ingress.enabled=true", "apiKey.enabled=true"),
+    ),
+    "model-hostpath": (
+        None,
+        (
+            "model.source=hostPath",
+            "model.hostPath.path=/srv/models",
+            "model.path=SmolLM2-135M-Instruct",
+        ),
+    ),
+    # The volume's root is the model folder: --model is the mount path itself.
+    "model-pvc": (
+        None,
+        ("model.source=pvc", "model.pvc.claimName=weights", "model.mountPath=/mnt/weights"),
+    ),
+    "redis-external-url": (
+        VALUES_FILES["redis"],
+        ("redis.mode=external", "redis.external.url=redis://:s3cret@redis.example:6380/2"),
+    ),
     "everything": (
         VALUES_FILES["gpu-4-stages"],
         (
-            "frontend.http.enabled=true",
             "serviceMonitor.enabled=true",
             "ingress.enabled=true",
             "apiKey.enabled=true",
@@ -52,6 +65,7 @@ SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
             "redis.external.existingSecret=redis-url",
             "kvstore.sharedMemory.hostPath=/dev/shm/fastserve",
             "workers.numStages=3",
+            "workers.pipeline.layerSplit=12\\,10\\,10",  # Llama-3-8B: 32 layers
             "frontend.autoscaling.enabled=true",
         ),
     ),

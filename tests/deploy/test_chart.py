@@ -18,6 +18,7 @@ from tests.deploy.chart import (
     NAMESPACE,
     POD_INDEX_FIELD,
     RELEASE,
+    SERVICES,
     VALUES_FILES,
     WORKLOAD_KINDS,
     container,
@@ -101,13 +102,17 @@ def test_ports_match_the_service_flags(docs, scenario):
     assert host == f"{workers['metadata']['name']}-0.{headless['metadata']['name']}.{domain}"
     assert port == int(flag(container(workers)["args"], "--port"))
     assert service_target(docs, headless, port) == port
+    http = int(flag(containers["frontend"]["args"], "--http-port"))
     if merged_values(scenario)["frontend"]["http"]["enabled"]:
-        http = int(flag(containers["frontend"]["args"], "--http-port"))
         assert (
             service_target(docs, frontend, 8000)
             == http
             == named_port(containers["frontend"], "http")
         )
+    else:
+        assert http == -1  # explicitly off, not the service's default port
+        assert "http" not in {p["name"] for p in containers["frontend"]["ports"]}
+        assert [p["name"] for p in frontend["spec"]["ports"]] == ["grpc"]
 
 
 def test_worker_replicas_are_the_stages_and_the_ordinal_is_the_stage_index(docs, scenario):
@@ -157,14 +162,82 @@ def test_redis_values_wire_the_kvstore_backend(docs, scenario):
         assert service_target(docs, svc, int(match.group(2))) == named_port(
             container(redis_set), "redis"
         )
-    else:
+    elif redis["external"]["existingSecret"]:
         assert not redis_sets
         assert backend == "$(KVSTORE_BACKEND_URL)"
         (env,) = [e for e in kvstore["env"] if e["name"] == "KVSTORE_BACKEND_URL"]
         assert env["valueFrom"]["secretKeyRef"]["name"] == redis["external"]["existingSecret"]
+    else:
+        assert not redis_sets
+        assert backend == redis["external"]["url"]  # as given, on the command line
+        assert "KVSTORE_BACKEND_URL" not in {e["name"] for e in kvstore.get("env", [])}
+        assert not [d for d in of_kind(docs, "Service") if "redis" in d["metadata"]["name"]]
 
 
-def test_network_policy_admits_outside_traffic_only_to_the_frontend(docs):
+def test_model_volume_is_mounted_where_model_points(docs, scenario):
+    model = merged_values(scenario)["model"]
+    mount_path = model["mountPath"]
+    for name in SERVICES:
+        pod = workload(docs, name)["spec"]["template"]["spec"]
+        ctr = container(workload(docs, name))
+        mounts = [m for m in ctr.get("volumeMounts", []) if m["mountPath"] == mount_path]
+        if model["source"] == "image" or name in ("scheduler", "kvstore"):
+            assert not mounts, f"{name} mounts {mount_path}"
+            if name in ("frontend", "worker"):
+                assert flag(ctr["args"], "--model") == model["name"]
+            continue
+        # The frontend (tokenizer, chat template) and every stage (weights) read the volume.
+        expected = f"{mount_path}/{model['path']}" if model["path"] else mount_path
+        assert flag(ctr["args"], "--model") == expected, name
+        assert len(mounts) == 1, f"{name} does not mount the model at {mount_path}"
+        (mount,) = mounts
+        assert mount["readOnly"] is True
+        volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        if model["source"] == "pvc":
+            assert volume["persistentVolumeClaim"] == {
+                "claimName": model["pvc"]["claimName"],
+                "readOnly": True,
+            }
+        else:
+            assert model["source"] == "hostPath"
+            assert volume["hostPath"] == {
+                "path": model["hostPath"]["path"],
+                "type": model["hostPath"]["type"],
+            }
+
+
+def test_ingress_routes_to_a_frontend_service_port(docs, scenario):
+    values = merged_values(scenario)
+    ingresses = of_kind(docs, "Ingress")
+    if not values["ingress"]["enabled"]:
+        assert not ingresses
+        return
+    (ingress,) = ingresses
+    frontend = service(docs, f"{RELEASE}-fastserve-frontend")
+    args = fastserve_containers(docs)["frontend"]["args"]
+    http = values["frontend"]["http"]["enabled"]
+    wanted = values["ingress"]["servicePort"] or ("http" if http else "grpc")
+    annotations = ingress["metadata"].get("annotations", {})
+    grpc_backend = annotations.get("nginx.ingress.kubernetes.io/backend-protocol") == "GRPC"
+    backends = [
+        path["backend"]["service"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends
+    for backend in backends:
+        assert backend["name"] == frontend["metadata"]["name"]
+        port_name = backend["port"]["name"]
+        assert port_name == wanted
+        if grpc_backend:
+            assert port_name == "grpc", "a gRPC backend protocol on the HTTP port"
+        (port,) = [p for p in frontend["spec"]["ports"] if p["name"] == port_name]
+        # ...and that Service port reaches the frontend's port for the protocol.
+        serving_flag = "--http-port" if port_name == "http" else "--port"
+        assert service_target(docs, frontend, port["port"]) == int(flag(args, serving_flag))
+
+
+def test_network_policy_admits_outside_traffic_only_to_the_frontend(docs, scenario):
     policies = of_kind(docs, "NetworkPolicy")
     release = {"app.kubernetes.io/name": "fastserve", "app.kubernetes.io/instance": RELEASE}
 
@@ -202,7 +275,8 @@ def test_network_policy_admits_outside_traffic_only_to_the_frontend(docs):
         if labels["app.kubernetes.io/component"] == "frontend":
             assert open_rules, "the frontend must be reachable"
             ports = {p["port"] for r in open_rules for p in r["ports"]}
-            assert ports <= {"grpc", "http"}, ports
+            http = merged_values(scenario)["frontend"]["http"]["enabled"]
+            assert ports == ({"grpc", "http"} if http else {"grpc"}), ports
         else:
             assert not open_rules, f"{w['metadata']['name']} admits outside traffic"
 
@@ -256,12 +330,22 @@ def test_kvstore_is_per_node_with_memory_backed_shm(docs):
 
 
 def test_frontend_probes_and_http_health(docs, scenario):
+    values = merged_values(scenario)
     ctr = fastserve_containers(docs)["frontend"]
-    if merged_values(scenario)["frontend"]["http"]["enabled"]:
+    if values["frontend"]["http"]["enabled"]:
+        # Ready only while the scheduler is connected; alive whenever the process answers.
         assert ctr["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
         assert ctr["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-        (monitor,) = of_kind(docs, "ServiceMonitor")
-        assert monitor["spec"]["endpoints"][0]["port"] == "http"
+        monitors = of_kind(docs, "ServiceMonitor")
+        if values["serviceMonitor"]["enabled"]:
+            (monitor,) = monitors
+            assert monitor["spec"]["endpoints"][0] == {
+                "port": "http",
+                "path": "/metrics",
+                "interval": values["serviceMonitor"]["interval"],
+            }
+        else:
+            assert not monitors
     else:
         assert "grpc" in ctr["readinessProbe"]
         # Liveness must not depend on the scheduler (gRPC health says NOT_SERVING without it).

@@ -6,36 +6,45 @@ import argparse
 import functools
 import importlib
 import json
+import os
 import re
 import tomllib
+from unittest import mock
 
 import pytest
 
 from services.cli import COMMANDS
+from services.common.flags import ENV_PREFIX, env_name
 from services.launcher import PortReservations, plan
 from services.launcher import add_arguments as add_launcher_arguments
-from services.scheduler.discovery import add_discovery_arguments
 from tests.deploy.chart import (
     DOCKERFILE,
-    FUTURE_ENV,
-    FUTURE_FLAGS,
     ROOT,
     SERVICES,
     fastserve_containers,
     flag_pairs,
 )
 
+# Stand-ins for `$(VAR)` in arguments and for variables the pod fills in (valueFrom).
+STAND_IN = "0"
+PROBES = ("1", "2", "probe")
+
+
+def build_parser(name: str, env: dict[str, str]) -> argparse.ArgumentParser:
+    """The parser `fastserve <name>` builds (services.cli.main) in a process whose FASTSERVE_*
+    environment is exactly `env` (flags read their variables when they are added)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"fastserve {name}")
+        module.add_arguments(parser)
+    return parser
+
 
 @functools.cache
 def service_parser(name: str) -> argparse.ArgumentParser:
-    """The parser `fastserve <name>` builds (services.cli.main), plus discovery's flags for the
-    scheduler until its main.py adds them."""
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"fastserve {name}")
-    module.add_arguments(parser)
-    if name == "scheduler" and "--discovery" not in parser._option_string_actions:
-        add_discovery_arguments(parser)
-    return parser
+    """`fastserve <name>`'s parser with no FASTSERVE_* variables set."""
+    return build_parser(name, {})
 
 
 def known_flags(name: str) -> set[str]:
@@ -68,6 +77,38 @@ def test_image_entrypoint_is_the_fastserve_console_script():
     assert re.search(r"^USER (?!0|root)\S+", dockerfile, re.M), "the image must not run as root"
 
 
+def chart_env(ctr: dict) -> dict[str, str]:
+    """The container's FASTSERVE_* variables; those the pod fills in get a stand-in value."""
+    return {
+        e["name"]: e.get("value", STAND_IN)
+        for e in ctr.get("env", [])
+        if e["name"].startswith(ENV_PREFIX)
+    }
+
+
+def flag_action(name: str, variable: str) -> argparse.Action | None:
+    """The flag of `fastserve <name>` that `variable` is named after (add_flag's env_name)."""
+    actions = service_parser(name)._option_string_actions
+    return next((a for flag, a in actions.items() if env_name(flag) == variable), None)
+
+
+def reads_variable(name: str, variable: str) -> bool:
+    """Whether some value of `variable` changes what `fastserve <name>`'s parser yields for the
+    flag it is named after: the flag exists and takes its default from the variable."""
+    action = flag_action(name, variable)
+    if action is None:
+        return False
+    baseline = getattr(service_parser(name).parse_args([]), action.dest)
+    for probe in (*PROBES, *map(str, action.choices or ())):
+        try:
+            parsed = build_parser(name, {variable: probe}).parse_args([])
+        except (ValueError, TypeError, SystemExit):
+            continue  # not a value this flag takes
+        if getattr(parsed, action.dest) != baseline:
+            return True
+    return False
+
+
 def test_chart_commands_are_the_launchers(docs, scenario):
     launcher = launcher_argv()
     assert set(launcher) == set(SERVICES)
@@ -81,26 +122,24 @@ def test_chart_commands_are_the_launchers(docs, scenario):
         wiring = {
             f
             for f in launcher[name]
-            if f in ("--port", "--model", "--backend") or f.endswith("-address")
+            if f in ("--port", "--http-port", "--model", "--backend") or f.endswith("-address")
         }
         assert wiring <= chart_flags, f"{name}: chart lacks {wiring - chart_flags}"
         unknown = chart_flags - known_flags(name)
-        assert unknown <= FUTURE_FLAGS.get(name, set()), f"{name}: unknown flags {unknown}"
-        if scenario == "default":
-            assert not unknown, f"the default chart must run today's {name}: {unknown}"
-        # The command line parses with the service's own parser ($(VAR)s expanded to stand-ins).
-        argv = []
-        for f, v in flag_pairs(args):
-            if f not in unknown:
-                argv += [f, re.sub(r"\$\([A-Z_]+\)", "0", v)]
+        assert not unknown, f"{name}: unknown flags {unknown}"
+        # The command line parses with the service's own parser, in the container's environment
+        # ($(VAR)s expanded to stand-ins).
+        env = chart_env(ctr)
+        argv = [re.sub(r"\$\([A-Z_]+\)", STAND_IN, a) for a in args[1:]]
         try:
-            service_parser(name).parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"fastserve {name} rejects the chart's arguments {argv}")
-        for env in ctr.get("env", []):
-            if env["name"].startswith("FASTSERVE_"):
-                as_flag = "--" + env["name"].removeprefix("FASTSERVE_").lower().replace("_", "-")
-                future = FUTURE_FLAGS.get(name, set()) | FUTURE_ENV.get(name, set())
-                assert as_flag in known_flags(name) or env["name"] in future or as_flag in future, (
-                    f"{name}: {env['name']} is no flag of fastserve {name}"
-                )
+            build_parser(name, env).parse_args(argv)
+        except (SystemExit, ValueError) as exc:
+            pytest.fail(f"fastserve {name} rejects the chart's arguments {argv} with {env}: {exc}")
+        for variable in env:
+            # A variable no flag reads is silently ignored (as FASTSERVE_API_KEY_FILE once was).
+            assert reads_variable(name, variable), f"fastserve {name} ignores {variable}"
+        # argparse checks `choices` on the command line only, not on defaults from variables.
+        for e in ctr.get("env", []):
+            action = flag_action(name, e["name"]) if "value" in e else None
+            if action is not None and action.choices:
+                assert e["value"] in action.choices, f"{name}: {e['name']}={e['value']}"

@@ -56,7 +56,6 @@ def test_metrics_port_zero_turns_it_off(helm):
 def test_pod_monitor_and_network_policy_reach_only_the_metrics_ports(helm):
     docs = render(
         helm,
-        "frontend.http.enabled=true",
         "serviceMonitor.enabled=true",
         "networkPolicy.metricsFrom=" + json.dumps(SCRAPERS),
     )
