@@ -465,10 +465,10 @@ def test_a_full_queue_answers_429_and_resource_exhausted(keyed_stack):
     assert info.value.status_code == 429
     with (
         Client(keyed_stack.address, api_key=API_KEY) as client,
-        pytest.raises(sdk_errors.FastServeError) as grpc_info,
+        pytest.raises(sdk_errors.ResourceExhaustedError) as grpc_info,
     ):
         client.complete("hi", max_tokens=2)
-    assert "in flight" in str(grpc_info.value)
+    assert grpc_info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     for stream in streams:
         stream.close()
     keyed_stack.wait_until_idle()
