@@ -1,0 +1,187 @@
+"""Discrete-event simulator: the scheduler's real pure core (policies, batch formation, KV
+blocks) driven by a cost model instead of a worker, on the policy benchmark's workloads.
+
+Each iteration takes the time the cost model gives for the batch the core formed; arrivals
+between iterations are admitted before the next `schedule()`, as the engine does. Runs in
+seconds where the real stack takes minutes, so a policy change can be tried on many seeds and
+rates before `bench/policies.py` checks it on the real processes. The cost model is linear, fitted
+to measurements (docs/iteration-overhead.md, the profiler's tables):
+
+    iteration = base + per_decode * decodes + per_prefill_token * prefill tokens
+                + per_context_token * decodes * longest decode context (padded attention)
+
+Usage: .venv/bin/python bench/simulate.py [--model smollm2] [--dataset sharegpt --scale 0.1]
+           [--rates 2,3,6] [--num-requests 80] [--seeds 0,1,2] [--policies fcfs skip-join-mlfq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import workload
+from bench.policies import parse_variant
+from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
+from services.scheduler.core.decision import Decision, EventKind
+from services.scheduler.core.policy import make_policy
+from services.scheduler.core.profile import PerformanceProfile
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    base_s: float  # fixed cost of an iteration (weights streamed once, launch overheads)
+    per_decode_s: float  # each decoding job
+    per_prefill_token_s: float  # each prompt token
+    per_context_token_s: float  # attention: decodes x longest decode context, padded
+
+    def iteration_s(self, decision: Decision) -> float:
+        decodes = [c for c in decision.chunks if len(c.token_ids) == 1]
+        prefill_tokens = sum(len(c.token_ids) for c in decision.chunks if len(c.token_ids) > 1)
+        longest = max((c.start_pos + 1 for c in decodes), default=0)
+        return (
+            self.base_s
+            + self.per_decode_s * len(decodes)
+            + self.per_prefill_token_s * prefill_tokens
+            + self.per_context_token_s * len(decodes) * longest
+        )
+
+    def profile(self, max_batch_size: int) -> PerformanceProfile:
+        """What the start-up profiler would measure on this cost model."""
+        prefill = tuple(
+            (n, self.base_s + self.per_prefill_token_s * n) for n in (1, 16, 64, 256, 1024)
+        )
+        sizes = sorted({1, 2, 4, 8, max_batch_size})
+        decode = tuple((b, self.base_s + self.per_decode_s * b) for b in sizes)
+        return PerformanceProfile(prefill_s=prefill, decode_s=decode)
+
+
+MODELS = {
+    # SmolLM2-135M on the 2-core VM: 54 ms alone, 93 ms at 16 decodes, ~4 ms a prompt token.
+    "smollm2": (CostModel(0.051, 0.0026, 0.004, 0.0000015), 8192),
+    # The tiny test model: iteration overhead dominates (4 ms alone, 6.5 ms at 16).
+    "tiny": (CostModel(0.0038, 0.00017, 0.00002, 0.0), 512),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    per_token_s: list[float]  # job latency / output tokens, per request
+    num_output_tokens: list[int]
+    makespan_s: float
+
+
+def simulate(
+    requests: list[workload.Request],
+    policy: str,
+    options: dict[str, str],
+    cost: CostModel,
+    *,
+    max_model_len: int,
+    max_batch_size: int = 16,
+    max_batched_tokens: int = 2048,
+    num_blocks: int = 100_000,
+) -> Outcome:
+    clock = [0.0]
+    config = SchedulerConfig(
+        num_blocks=num_blocks,
+        block_size=16,
+        max_model_len=max_model_len,
+        max_batch_size=max_batch_size,
+        max_batched_tokens=max_batched_tokens,
+        policy=policy,
+    )
+    profile = cost.profile(max_batch_size)
+    core = SchedulerCore(
+        config,
+        make_policy(
+            policy, options, profile, max_model_len=max_model_len, max_batch_size=max_batch_size
+        ),
+        clock=lambda: clock[0],
+        profile=profile,
+    )
+    arrivals = sorted(requests, key=lambda r: r.arrival_s)
+    arrived_at: dict[str, float] = {}
+    finished_at: dict[str, float] = {}
+    next_arrival = 0
+    while len(finished_at) < len(arrivals):
+        if not core.has_work() and next_arrival < len(arrivals):
+            clock[0] = max(clock[0], arrivals[next_arrival].arrival_s)
+        while next_arrival < len(arrivals) and arrivals[next_arrival].arrival_s <= clock[0]:
+            request = arrivals[next_arrival]
+            job_id = f"r{next_arrival}"
+            prompt = [5] * max(1, request.num_prompt_words)
+            core.add_job(Job(job_id, prompt, request.output_tokens, ignore_eos=True))
+            arrived_at[job_id] = request.arrival_s
+            next_arrival += 1
+        decision = core.schedule()
+        clock[0] += cost.iteration_s(decision) if decision.chunks else 0.001
+        sampled = {c.job_id: 7 for c in decision.chunks if c.sample}
+        for event in core.update(decision, sampled):
+            if event.kind is EventKind.FINISHED:
+                finished_at[event.job_id] = clock[0]
+    per_token = []
+    outputs = []
+    for index, request in enumerate(arrivals):
+        job_id = f"r{index}"
+        per_token.append((finished_at[job_id] - arrived_at[job_id]) / request.output_tokens)
+        outputs.append(request.output_tokens)
+    return Outcome(per_token, outputs, clock[0])
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--dataset", default="sharegpt")
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--rates", default="2,3,4,6")
+    parser.add_argument("--num-requests", type=int, default=80)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--policies", nargs="+", default=["fcfs", "skip-join-mlfq", "mlfq", "srpt-oracle"]
+    )
+    args = parser.parse_args()
+    cost, max_model_len = MODELS[args.model]
+    variants = [parse_variant(spec) for spec in args.policies]
+    print(
+        f"model {args.model}, {args.dataset} x{args.scale}, {args.num_requests} requests, "
+        f"seeds {args.seeds}; per-token latency ms (mean / P95), first policy / it in brackets"
+    )
+    for rate in (float(r) for r in args.rates.split(",")):
+        results: dict[str, list[Outcome]] = {}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            requests = workload.make_workload(
+                args.num_requests, rate, dataset=args.dataset, scale=args.scale,
+                max_context_tokens=max_model_len, seed=seed,
+            )  # fmt: skip
+            for variant in variants:
+                outcome = simulate(
+                    requests, variant.policy, dict(variant.options), cost,
+                    max_model_len=max_model_len, max_batch_size=args.max_batch_size,
+                )  # fmt: skip
+                results.setdefault(variant.label, []).append(outcome)
+        base = results[variants[0].label]
+        base_mean = statistics.mean(statistics.mean(o.per_token_s) for o in base)
+        base_p95 = statistics.mean(p95(o.per_token_s) for o in base)
+        cells = []
+        for label, outcomes in results.items():
+            mean = statistics.mean(statistics.mean(o.per_token_s) for o in outcomes)
+            tail = statistics.mean(p95(o.per_token_s) for o in outcomes)
+            cells.append(
+                f"{label} {mean * 1e3:.0f}/{tail * 1e3:.0f} "
+                f"({base_mean / mean:.2f}x/{base_p95 / tail:.2f}x)"
+            )
+        print(f"rate {rate:g}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

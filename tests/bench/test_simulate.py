@@ -1,0 +1,48 @@
+"""The simulator drives the real scheduler core with a cost model. No processes."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench import simulate, workload
+from bench.simulate import CostModel
+from bench.workload import Request
+
+COST = CostModel(base_s=0.05, per_decode_s=0.002, per_prefill_token_s=0.004, per_context_token_s=0)
+
+
+def test_every_request_finishes_no_sooner_than_its_own_work() -> None:
+    requests = workload.make_workload(40, 5.0, dataset="alpaca", scale=0.5, seed=3)
+    for policy in ("fcfs", "skip-join-mlfq", "mlfq", "srpt-oracle"):
+        outcome = simulate.simulate(requests, policy, {}, COST, max_model_len=2048)
+        assert len(outcome.per_token_s) == len(requests)
+        # A job needs at least one lone iteration per output token.
+        assert min(outcome.per_token_s) >= COST.base_s + COST.per_decode_s - 1e-9
+        assert outcome.makespan_s >= max(r.arrival_s for r in requests)
+
+
+def test_head_of_line_blocking_is_what_preemption_removes() -> None:
+    """One long job, then short ones, one batch slot: under fcfs the short jobs wait for all
+    of it; under skip-join MLFQ they go ahead at the next token."""
+    requests = [Request(0.0, "a " * 8, 400)] + [
+        Request(0.5 + 0.3 * i, "b " * 8, 4) for i in range(10)
+    ]
+
+    def short_mean(policy: str) -> float:
+        outcome = simulate.simulate(
+            requests, policy, {}, COST, max_model_len=2048, max_batch_size=1
+        )
+        return statistics.mean(outcome.per_token_s[1:])
+
+    fcfs, mlfq = short_mean("fcfs"), short_mean("skip-join-mlfq")
+    assert fcfs > 5 * mlfq
+    assert short_mean("srpt-oracle") == pytest.approx(mlfq, rel=0.5)
+
+
+def test_cost_model_profile_matches_its_own_iterations() -> None:
+    profile = COST.profile(max_batch_size=16)
+    assert profile.decode_time(1) == pytest.approx(COST.base_s + COST.per_decode_s)
+    assert profile.decode_time(16) == pytest.approx(COST.base_s + 16 * COST.per_decode_s)
+    assert profile.prefill_time(64) == pytest.approx(COST.base_s + 64 * COST.per_prefill_token_s)
