@@ -1,10 +1,11 @@
 """Swap bandwidth of the worker's real path against a plain memcpy of the same bytes.
 
 For each size, one job's blocks go device pool -> kvstore (Swapper.swap_out) and back
-(Swapper.swap_in) through a kvstore server started here (same host: the shared-memory fast
-path; `--grpc` forces gRPC streaming), timed from the command to the reported completion.
-Next to it, in the same run, a plain memcpy of the same bytes: torch copies between the pool
-and a host buffer allocated once (pool -> host, host -> pool), so no page faults are timed.
+(Swapper.swap_in) through a kvstore process started here, as `fastserve up` runs it (same
+host: the shared-memory fast path; `--grpc` starts it without shm, so bytes stream over gRPC),
+timed from the command to the reported completion.
+Next to it, in the same run, a plain memcpy of the same bytes: one-thread torch copies between
+the pool and a host buffer allocated once (pool -> host, host -> pool), no page faults timed.
 Usage: .venv/bin/python bench/swap_bandwidth.py [--sizes-mib 1,4,16,64] [--grpc]
 """
 
@@ -20,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from services.kvstore.server import serve
-from services.kvstore.shm import ShmArea
 from services.worker.kv_cache import KVCache
 from services.worker.swapper import Swapper
+from tests.kvstore.kvstore_process import start_kvstore, stop_kvstore
 
 ROUNDS = 5
 
@@ -41,8 +41,10 @@ def main() -> None:
     parser.add_argument("--sizes-mib", default="1,4,16,64")
     parser.add_argument("--grpc", action="store_true", help="force gRPC instead of shm")
     args = parser.parse_args()
-    shm = None if args.grpc else ShmArea("/dev/shm")
-    server, port = serve("127.0.0.1:0", capacity_bytes=1 << 34, shm=shm)
+    kvstore = start_kvstore(
+        "--capacity-bytes", str(1 << 34), "--log-level", "warning",
+        *(("--shm-dir", "") if args.grpc else ()),
+    )  # fmt: skip
     # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64, blocks of 16 tokens (737 KiB a block).
     block_mib = 30 * 2 * 16 * 3 * 64 * 4 / (1 << 20)
     sizes = [float(s) for s in args.sizes_mib.split(",")]
@@ -52,9 +54,8 @@ def main() -> None:
         dtype=torch.float32, device="cpu",
     )  # fmt: skip
     cache.data.normal_()
-    swapper = Swapper(cache, f"127.0.0.1:{port}")
-    if args.grpc:
-        swapper.client._shm_probed = True  # never use shm
+    swapper = Swapper(cache, kvstore.address)
+    num_threads = torch.get_num_threads()
     print(f"path: {'grpc' if args.grpc else 'shm (same host)'}; block = {block_mib:.2f} MiB")
     print("| MiB | swap out GB/s | swap in GB/s | memcpy out GB/s | memcpy in GB/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -79,12 +80,14 @@ def main() -> None:
             assert done.ok, done.error
             ins.append(time.perf_counter() - started)
             assert torch.equal(cache.data[dst], cache.data[src])
+            torch.set_num_threads(1)  # a plain memcpy: one thread
             started = time.perf_counter()
             torch.index_select(cache.data, 0, src_index, out=host)
             copy_out.append(time.perf_counter() - started)
             started = time.perf_counter()
             cache.data.index_copy_(0, dst_index, host)
             copy_in.append(time.perf_counter() - started)
+            torch.set_num_threads(num_threads)
         gbps = [nbytes / statistics.median(t) / 1e9 for t in (outs, ins, copy_out, copy_in)]
         ratio = (gbps[0] + gbps[1]) / (gbps[2] + gbps[3])
         print(
@@ -93,9 +96,7 @@ def main() -> None:
             flush=True,
         )
     swapper.close()
-    server.stop(0)
-    if shm is not None:
-        shm.close()
+    stop_kvstore(kvstore)
 
 
 if __name__ == "__main__":

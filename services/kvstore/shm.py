@@ -42,6 +42,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ DEFAULT_POOL_LIMIT_BYTES = 256 * 1024 * 1024
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 # Most buffers one pwritev / preadv takes (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
+# Values at least this large are read in two halves at once (see _in_halves).
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
 # One buffer, or several that make up one value back to back.
@@ -454,19 +457,36 @@ def _advance(views: list[memoryview], num_done: int) -> list[memoryview]:
     return rest
 
 
-def _write_all(fd: int, views: list[memoryview]) -> None:
-    """pwritev from offset 0 until everything is written (a call may write less)."""
-    offset = 0
+def _split(views: list[memoryview], num_bytes: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The views cut into their first `num_bytes` and the rest."""
+    head = _first_bytes(views, num_bytes)
+    return head, _advance(views, num_bytes)
+
+
+def _in_halves(fd: int, views: list[memoryview], move) -> bool:
+    """Runs `move(fd, views, offset)` over the two halves of a large value at once, one half
+    on a helper thread (preadv releases the GIL): a tmpfs read is bound by one core's
+    page-cache work (about half of memcpy speed), so two cores move it faster."""
+    total = sum(view.nbytes for view in views)
+    if total < PARALLEL_MIN_BYTES:
+        return move(fd, views, 0)
+    half = total // 2 // 4096 * 4096  # page-aligned, so the halves never share a page
+    head, tail = _split(views, half)
+    helper = _copy_helper().submit(move, fd, tail, half)
+    done = move(fd, head, 0)
+    return helper.result() and done
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> bool:
     pending = [view for view in views if view.nbytes]
     while pending:
         num_written = os.pwritev(fd, pending[:IOV_MAX], offset)
         offset += num_written
         pending = _advance(pending, num_written)
+    return True
 
 
-def _read_all(fd: int, views: list[memoryview]) -> bool:
-    """preadv from offset 0 until the views are full; False when the file ends first."""
-    offset = 0
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> bool:
     pending = [view for view in views if view.nbytes]
     while pending:
         num_read = os.preadv(fd, pending[:IOV_MAX], offset)
@@ -475,3 +495,26 @@ def _read_all(fd: int, views: list[memoryview]) -> bool:
         offset += num_read
         pending = _advance(pending, num_read)
     return True
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Writes the views from offset 0, back to back (a pwritev may write less: loop). One
+    thread: writes to one file serialise on its inode lock, so halves would not overlap."""
+    _pwritev_all(fd, views, 0)
+
+
+def _read_all(fd: int, views: list[memoryview]) -> bool:
+    """Fills the views from offset 0; False when the file ends first."""
+    return _in_halves(fd, views, _preadv_all)
+
+
+_helper: ThreadPoolExecutor | None = None
+_helper_lock = threading.Lock()
+
+
+def _copy_helper() -> ThreadPoolExecutor:
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            _helper = ThreadPoolExecutor(1, thread_name_prefix="shm-copy")
+        return _helper

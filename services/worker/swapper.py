@@ -238,11 +238,12 @@ class Swapper:
                 self._copy_to_device(block_ids, host)
         except Exception as exc:
             return SwapDone(job_id, True, False, f"swap-in failed: {exc}")
-        # The device has it again; drop this copy (a later swap-out writes a new generation).
+        # The device has it again; drop this copy (a later swap-out writes a new generation),
+        # after reporting: the job need not wait for the delete.
         with self._lock:
             if self._stored.get(job_id) == generation:
                 del self._stored[job_id]
-        self._delete(job_id, generation)
+        self._pool.submit(self._delete, job_id, generation)
         return SwapDone(job_id, True, True, "", meta.total_bytes, time.perf_counter() - started)
 
     def _copy_to_device(self, block_ids: list[int], blocks: torch.Tensor) -> None:

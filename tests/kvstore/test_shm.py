@@ -139,9 +139,11 @@ def test_values_of_several_buffers_go_out_and_come_back_in_place(client, use_shm
     """Scatter-gather: a value written from several buffers (a pool's block runs) and read
     back into several, on both paths, byte-identical and in order."""
     key = BlockKey("scatter", 0, 1)
-    meta, data = make_value(3 * MIB, seed=9)
-    assert client.put_bytes(key, meta, pieces(data, 1000, MIB + 3), use_shm=use_shm) == len(data)
-    outs = [bytearray(5), bytearray(2 * MIB), bytearray(len(data) - 2 * MIB - 5 + 7)]
+    meta, data = make_value(9 * MIB + 12, seed=9)  # large enough to be copied in two halves
+    assert client.put_bytes(key, meta, pieces(data, 1000, 5 * MIB + 3), use_shm=use_shm) == len(
+        data
+    )
+    outs = [bytearray(5), bytearray(6 * MIB + 1), bytearray(len(data) - 6 * MIB - 6 + 7)]
     assert client.get_into(key, outs, use_shm=use_shm) == meta
     assert b"".join(outs)[: len(data)] == data and outs[-1][-7:] == bytes(7)
     with pytest.raises(ValueError, match="out holds"):
