@@ -68,3 +68,24 @@ def tiny_llama_dir() -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def tiny_llama_variant(directory: Path, **config_values) -> Path:
+    """The tiny Llama in `directory` with `config_values` changed in its config (and in its
+    generation config where that has the key), e.g. an EOS token that greedy decoding emits.
+    Weights and tokenizer files are linked, not copied."""
+    import json
+
+    directory.mkdir(parents=True)
+    for path in tiny_llama_dir().iterdir():
+        if path.name not in ("config.json", "generation_config.json"):
+            (directory / path.name).symlink_to(path)
+            continue
+        values = json.loads(path.read_text())
+        values.update(
+            (key, value)
+            for key, value in config_values.items()
+            if path.name == "config.json" or key in values
+        )
+        (directory / path.name).write_text(json.dumps(values, indent=2))
+    return directory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +16,11 @@ from fastserve.v1 import generation_pb2 as pb
 from fastserve_client import Client, InvalidArgumentError
 from services.common.health import is_serving
 from services.frontend.tokenizer import encode_prompt
+from tests.e2e.test_swapping import PRESSURE, check_exact, run_all
+from tests.e2e.test_swapping import PROMPTS as SWAP_PROMPTS
 from tests.oracle import assert_greedy_matches, hf_greedy
 from tests.stack import Stack, pid_alive
+from tests.tiny_model import tiny_llama_variant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -208,9 +213,6 @@ def test_sigterm_leaves_no_process_behind(tiny_model_dir):
 
 
 def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
-    import os
-    import signal
-
     # The scheduler holds every job's state, so it is the one child not restarted (workers
     # and the kvstore hold caches and are; see test_pipeline.py and test_swapping.py).
     stack = Stack.start(tiny_model_dir, "--num-blocks", "32")
@@ -226,6 +228,71 @@ def test_a_crashed_child_stops_the_stack_and_is_named(tiny_model_dir):
     assert any("scheduler exited" in line for line in stack.output), "".join(stack.output[-20:])
     time.sleep(0.5)
     assert not [pid for pid in children if pid_alive(pid)]
+
+
+EOS_PROMPT = "Once upon a time"
+EOS_AT = 4  # the spare stack's EOS is the first new token greedy decoding emits here or later
+
+
+@pytest.fixture(scope="module")
+def eos_reference(tiny_hf_model, tiny_tokenizer):
+    """HF's greedy tokens for EOS_PROMPT, and the index of the one the spare stack calls EOS."""
+    ref = hf_greedy(tiny_hf_model, encode_prompt(tiny_tokenizer, EOS_PROMPT), 12)
+    return ref, next(i for i in range(EOS_AT, len(ref)) if ref[i] not in ref[:i])
+
+
+@pytest.fixture(scope="module")
+def spare_stack(eos_reference, tmp_path_factory):
+    """A stack of its own for tests that change it: its worker gets killed, and it serves the
+    tiny weights under a config whose EOS is a token greedy decoding emits (random weights
+    practically never pick the tokenizer's real EOS). Few blocks keep jobs in flight longer."""
+    ref, index = eos_reference
+    folder = tmp_path_factory.mktemp("eos") / "tiny-llama-eos"
+    stack = Stack.start(tiny_llama_variant(folder, eos_token_id=ref[index]), *PRESSURE)
+    yield stack
+    assert stack.stop() == 0, "".join(stack.output[-40:])
+
+
+def test_greedy_stops_at_eos_unless_ignore_eos(spare_stack, eos_reference):
+    ref, index = eos_reference
+    with Client(spare_stack.address) as client:
+        stopped = client.complete(EOS_PROMPT, max_tokens=len(ref), temperature=0)
+        ignored = client.complete(EOS_PROMPT, max_tokens=len(ref), temperature=0, ignore_eos=True)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == ref[: index + 1]  # the EOS token is the last one sent
+    assert stopped.usage.completion_tokens == index + 1
+    assert ignored.finish_reason == "length" and ignored.token_ids == ref
+
+
+def test_a_killed_worker_is_restarted_and_every_request_completes(
+    spare_stack, tiny_hf_model, tiny_tokenizer
+):
+    def worker_pid() -> int:
+        for pid in spare_stack.child_pids():
+            if "worker" in Path(f"/proc/{pid}/cmdline").read_text().split("\0"):
+                return pid
+        raise AssertionError(f"no worker among {spare_stack.child_pids()}")
+
+    victim = worker_pid()
+    before = spare_stack.scheduler_stats()
+    killed = []
+
+    def kill_mid_run():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            spare_stack.scheduler_stats().num_finished_jobs < before.num_finished_jobs + 2
+        ):
+            time.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        killed.append(spare_stack.scheduler_stats().num_finished_jobs - before.num_finished_jobs)
+
+    outputs = run_all(spare_stack, pause=kill_mid_run)
+    stats = spare_stack.wait_until_idle()
+    assert killed and killed[0] < len(SWAP_PROMPTS), "the worker must die while requests run"
+    assert not pid_alive(victim) and worker_pid() != victim
+    assert any("worker exited" in line and "restart" in line for line in spare_stack.output)
+    check_exact(outputs, tiny_hf_model, tiny_tokenizer)
+    assert stats.num_recomputed_jobs > before.num_recomputed_jobs  # lost KV re-prefilled
 
 
 def test_every_service_serves_health_and_reflection(stack):
