@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
-from services.common.grpc_server import GRPC_OPTIONS
+from services.common.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,9 @@ class FrontendMetrics:
         if self._scheduler_address is None:
             return None
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._scheduler_address, options=GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(
+                self._scheduler_address, options=CHANNEL_OPTIONS
+            )
         stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         try:
             return await stub.Stats(spb.StatsRequest(), timeout=STATS_TIMEOUT_S)

@@ -16,7 +16,7 @@ import grpc
 
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
-from services.common.grpc_server import GRPC_OPTIONS
+from services.common.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class SchedulerLink:
 
     async def _run(self) -> None:
         backoff = RECONNECT_INITIAL_S
-        self._channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         while True:
             try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-from services.common.grpc_server import MAX_MESSAGE_BYTES
+from services.common.grpc_server import MAX_MESSAGE_BYTES, RECONNECT_OPTIONS
 from services.kvstore.backend import BlockKey, StoreFullError, StoreStats, TensorMeta
 from services.kvstore.server import (
     info_from_pb,
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *RECONNECT_OPTIONS,
 ]
 
 

@@ -14,7 +14,7 @@ import grpc
 
 from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
-from services.common.grpc_server import GRPC_OPTIONS
+from services.common.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WorkerLink:
         self.address = address
         self._target = address  # where the next connect() goes (discovery may move it)
         self._target_lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._requests: queue.SimpleQueue[wpb.Command | None] | None = None
         self._responses = None
@@ -104,7 +104,7 @@ class WorkerLink:
             log.info("worker moved: %s -> %s", self.address, target)
             self._channel.close()
             self.address = target
-            self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
             self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
     def connect(self) -> None:
