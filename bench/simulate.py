@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import workload
 from bench.policies import parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
-from services.scheduler.core.decision import Decision, EventKind
+from services.scheduler.core.decision import Decision, EventKind, SwapResult
 from services.scheduler.core.policy import make_policy
 from services.scheduler.core.profile import PerformanceProfile
 
@@ -85,7 +85,13 @@ def simulate(
     max_batch_size: int = 16,
     max_batched_tokens: int = 2048,
     num_blocks: int = 100_000,
+    kv_policy: str = "recompute",
+    block_bytes: int = 737_280,  # SmolLM2-135M: 30 layers x K/V x 16 tokens x 3 heads x 64, f32
+    swap_bytes_per_s: float = 2e9,
 ) -> Outcome:
+    """Replays `requests`; with kv_policy "proactive" or "reactive" a swap finishes by the next
+    iteration and adds its copy time (bytes / swap_bytes_per_s) to the one it was sent in: on
+    a CPU the copy shares the cores with the model."""
     clock = [0.0]
     config = SchedulerConfig(
         num_blocks=num_blocks,
@@ -94,6 +100,10 @@ def simulate(
         max_batch_size=max_batch_size,
         max_batched_tokens=max_batched_tokens,
         policy=policy,
+        kv_policy=kv_policy,
+        swap_enabled=kv_policy != "recompute",
+        reserve_blocks=num_blocks // 20 if kv_policy == "proactive" else 0,
+        block_bytes=block_bytes,
     )
     profile = cost.profile(max_batch_size)
     core = SchedulerCore(
@@ -119,9 +129,15 @@ def simulate(
             arrived_at[job_id] = request.arrival_s
             next_arrival += 1
         decision = core.schedule()
-        clock[0] += cost.iteration_s(decision) if decision.chunks else 0.001
+        moves = [(m, False) for m in decision.swap_out] + [(m, True) for m in decision.swap_in]
+        swap_s = sum(len(m.block_ids) * block_bytes for m, _ in moves) / swap_bytes_per_s
+        clock[0] += (cost.iteration_s(decision) if decision.chunks else 0.001) + swap_s
+        swaps = [
+            SwapResult(m.job_id, swap_in, True, len(m.block_ids) * block_bytes, swap_s)
+            for m, swap_in in moves
+        ]
         sampled = {c.job_id: 7 for c in decision.chunks if c.sample}
-        for event in core.update(decision, sampled):
+        for event in core.update(decision, sampled, swaps):
             if event.kind is EventKind.FINISHED:
                 finished_at[event.job_id] = clock[0]
     per_token = []

@@ -46,3 +46,20 @@ def test_cost_model_profile_matches_its_own_iterations() -> None:
     assert profile.decode_time(1) == pytest.approx(COST.base_s + COST.per_decode_s)
     assert profile.decode_time(16) == pytest.approx(COST.base_s + 16 * COST.per_decode_s)
     assert profile.prefill_time(64) == pytest.approx(COST.base_s + 64 * COST.per_prefill_token_s)
+
+
+def test_swapping_saves_preempted_work_under_memory_pressure() -> None:
+    """A pool of 25 blocks for a 16-wide batch: MLFQ preempts often, and recomputing the
+    victims costs far more than swapping them (the simulator charges swaps their copy time)."""
+    cost, max_model_len = simulate.MODELS["smollm2"]
+    requests = workload.make_workload(40, 4.0, dataset="sharegpt", scale=0.1, seed=0)
+
+    def mean(kv_policy: str) -> float:
+        outcome = simulate.simulate(
+            requests, "skip-join-mlfq", {}, cost, max_model_len=max_model_len,
+            num_blocks=25, kv_policy=kv_policy,
+        )  # fmt: skip
+        assert len(outcome.per_token_s) == len(requests)
+        return statistics.mean(outcome.per_token_s)
+
+    assert mean("recompute") > 1.5 * mean("proactive")
