@@ -13,7 +13,9 @@ Batch formation walks the policy's order and gives each job as many of its uncom
 the token budget allows (chunked prefill; a decoding job needs one). When KV blocks run short, a
 job may take blocks from jobs of lower priority by preempting them with recompute: their blocks
 are freed and their tokens are re-prefilled when they run again, so nothing deadlocks and nothing
-is lost. A job never evicts a job ahead of it.
+is lost. A job never evicts a job ahead of it, and a job with nothing computed yet waits for free
+blocks rather than drop others' KV, unless it is starving or nothing else could run (else MLFQ
+thrashes: see KvMemory.make_room).
 """
 
 from __future__ import annotations
@@ -215,27 +217,14 @@ class SchedulerCore:
         busy = self.busy_job_ids()
         plan.scheduled |= busy  # never evicted while a stage may still touch their KV
         memory = self.memory
-        for job in plan.order:
-            if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
-                break
-            if job.job_id in busy:
-                continue  # its token of an earlier decision is still in the pipeline
-            if not job.kv_state.is_runnable:
-                if job.kv_state is KvState.HOST and self.config.swaps:
-                    memory.swap_in_if_room(job, plan)  # needed now: bring it back
-                plan.blocked.append(job.job_id)
-                plan.short_of_blocks |= job.kv_state is KvState.HOST
-                if self.config.backfill:
-                    continue
-                break
-            num_new = min(job.num_uncomputed_tokens, plan.budget)
-            if not memory.make_room(job, self.blocks.num_new_blocks(job, num_new), plan):
-                plan.blocked.append(job.job_id)
-                plan.short_of_blocks = True
-                if self.config.backfill:
-                    continue  # backfill: jobs behind it may still fit
-                break
-            self._add_chunk(job, num_new, plan)
+        self._form_batch(plan, busy)
+        if plan.blocked and not (plan.chunks or busy or plan.swap_in or memory.swaps_in_flight):
+            # Nothing can run while arrivals spare the others' KV (see KvMemory.make_room):
+            # then they may drop it after all, so nothing deadlocks.
+            plan.protect_progress = False
+            plan.blocked = []
+            plan.short_of_blocks = False
+            self._form_batch(plan, busy)
         if self.config.swaps and self.config.kv_policy == "proactive":
             memory.keep_reserve(plan)
             memory.prefetch(plan)
@@ -343,6 +332,30 @@ class SchedulerCore:
         )
 
     # -- internals -------------------------------------------------------------------------
+
+    def _form_batch(self, plan: Plan, busy: set[str]) -> None:
+        memory = self.memory
+        for job in plan.order:
+            if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
+                break
+            if job.job_id in busy or job.job_id in plan.scheduled:
+                continue  # its token of an earlier decision is still in the pipeline
+            if not job.kv_state.is_runnable:
+                if job.kv_state is KvState.HOST and self.config.swaps:
+                    memory.swap_in_if_room(job, plan)  # needed now: bring it back
+                plan.blocked.append(job.job_id)
+                plan.short_of_blocks |= job.kv_state is KvState.HOST
+                if self.config.backfill:
+                    continue
+                break
+            num_new = min(job.num_uncomputed_tokens, plan.budget)
+            if not memory.make_room(job, self.blocks.num_new_blocks(job, num_new), plan):
+                plan.blocked.append(job.job_id)
+                plan.short_of_blocks = True
+                if self.config.backfill:
+                    continue  # backfill: jobs behind it may still fit
+                break
+            self._add_chunk(job, num_new, plan)
 
     def _add_chunk(self, job: Job, num_new: int, plan: Plan) -> None:
         self.blocks.allocate(job, num_new)
