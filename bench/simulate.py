@@ -71,7 +71,6 @@ MODELS = {
 @dataclass(frozen=True, slots=True)
 class Outcome:
     per_token_s: list[float]  # job latency / output tokens, per request
-    num_output_tokens: list[int]
     makespan_s: float
 
 
@@ -140,13 +139,11 @@ def simulate(
         for event in core.update(decision, sampled, swaps):
             if event.kind is EventKind.FINISHED:
                 finished_at[event.job_id] = clock[0]
-    per_token = []
-    outputs = []
-    for index, request in enumerate(arrivals):
-        job_id = f"r{index}"
-        per_token.append((finished_at[job_id] - arrived_at[job_id]) / request.output_tokens)
-        outputs.append(request.output_tokens)
-    return Outcome(per_token, outputs, clock[0])
+    per_token = [
+        (finished_at[f"r{index}"] - arrived_at[f"r{index}"]) / request.output_tokens
+        for index, request in enumerate(arrivals)
+    ]
+    return Outcome(per_token, clock[0])
 
 
 def p95(values: list[float]) -> float:

@@ -33,16 +33,8 @@ from services.kvstore.server import (
     split_chunks,
     stats_from_pb,
 )
-from services.kvstore.shm import (
-    Buffer,
-    Buffers,
-    StoreInfo,
-    byte_views,
-    num_bytes_of,
-    overwrite_or_write,
-    read_into,
-    remove,
-)
+from services.kvstore.shm import StoreInfo, overwrite_or_write, read_into, remove
+from services.kvstore.vectored_io import Buffer, Buffers, byte_views, num_bytes_of
 
 log = logging.getLogger(__name__)
 

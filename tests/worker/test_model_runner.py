@@ -184,32 +184,25 @@ def test_other_families_match_hf(family):
     check_against_hf(model, prompts, trace.outputs)
 
 
-def test_bfloat16_matches_hf_bfloat16_and_starts_like_float32(llama, llama_prompts, llama_refs):
-    model = load_model(resolve_model(str(tiny_llama_dir())), dtype=torch.bfloat16)
+# Half-precision logits near 8 are spaced 1/32 (bf16) or 1/128 (fp16) apart: exact ties happen,
+# so a tie is a few spacings; first tokens whose float32 top-2 gap exceeds that noise must agree
+# with float32 too (not both wrong alike: an overflow gives HF and us the same garbage).
+@pytest.mark.parametrize(
+    ("dtype", "tie_tolerance", "float32_gap"),
+    [(torch.bfloat16, 0.1, 0.05), (torch.float16, 0.03, 0.02)],
+    ids=["bfloat16", "float16"],
+)
+def test_half_precision_matches_hf_and_starts_like_float32(
+    llama, llama_prompts, llama_refs, dtype, tie_tolerance, float32_gap
+):
+    model = load_model(resolve_model(str(tiny_llama_dir())), dtype=dtype)
     runner = ModelRunner(model, num_blocks=64, block_size=16)
-    assert runner.kv_cache.dtype == torch.bfloat16
+    assert runner.kv_cache.dtype == dtype
     trace = drive(runner, llama_prompts, join_steps=JOIN_STEPS)
-    # bf16 logits near 8 are spaced 1/32 apart: exact ties happen, so a tie is a few spacings.
-    check_against_hf(model, llama_prompts, trace.outputs, tie_tolerance=0.1)
-    # Against float32, only first tokens whose float32 top-2 gap exceeds bf16 noise must agree.
+    check_against_hf(model, llama_prompts, trace.outputs, tie_tolerance=tie_tolerance)
     for prompt, ours, ref in zip(llama_prompts, trace.outputs, llama_refs, strict=True):
         top2 = hf_next_logits(llama, prompt).topk(2).values
-        if top2[0] - top2[1] > 0.05:
-            assert ours[0] == ref[0]
-
-
-def test_float16_matches_hf_float16_and_starts_like_float32(llama, llama_prompts, llama_refs):
-    model = load_model(resolve_model(str(tiny_llama_dir())), dtype=torch.float16)
-    runner = ModelRunner(model, num_blocks=64, block_size=16)
-    assert runner.kv_cache.dtype == torch.float16
-    trace = drive(runner, llama_prompts, join_steps=JOIN_STEPS)
-    # fp16 logits near 8 are spaced 1/128 apart: a tie is a few spacings.
-    check_against_hf(model, llama_prompts, trace.outputs, tie_tolerance=0.03)
-    # Not both wrong alike (an overflow gives HF and us the same garbage): first tokens whose
-    # float32 top-2 gap exceeds fp16 noise must agree with float32.
-    for prompt, ours, ref in zip(llama_prompts, trace.outputs, llama_refs, strict=True):
-        top2 = hf_next_logits(llama, prompt).topk(2).values
-        if top2[0] - top2[1] > 0.02:
+        if top2[0] - top2[1] > float32_gap:
             assert ours[0] == ref[0]
 
 

@@ -217,14 +217,14 @@ class SchedulerCore:
         busy = self.busy_job_ids()
         plan.scheduled |= busy  # never evicted while a stage may still touch their KV
         memory = self.memory
-        self._form_batch(plan, busy)
+        self._form_batch(plan)
         if plan.blocked and not (plan.chunks or busy or plan.swap_in or memory.swaps_in_flight):
             # Nothing can run while arrivals spare the others' KV (see KvMemory.make_room):
             # then they may drop it after all, so nothing deadlocks.
             plan.protect_progress = False
             plan.blocked = []
             plan.short_of_blocks = False
-            self._form_batch(plan, busy)
+            self._form_batch(plan)
         if self.config.swaps and self.config.kv_policy == "proactive":
             memory.keep_reserve(plan)
             memory.prefetch(plan)
@@ -333,13 +333,14 @@ class SchedulerCore:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _form_batch(self, plan: Plan, busy: set[str]) -> None:
+    def _form_batch(self, plan: Plan) -> None:
+        """Walks the policy's order, adding chunks to `plan` while they fit."""
         memory = self.memory
         for job in plan.order:
             if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
                 break
-            if job.job_id in busy or job.job_id in plan.scheduled:
-                continue  # its token of an earlier decision is still in the pipeline
+            if job.job_id in plan.scheduled:
+                continue  # in this batch already, or its earlier token is still in flight
             if not job.kv_state.is_runnable:
                 if job.kv_state is KvState.HOST and self.config.swaps:
                     memory.swap_in_if_room(job, plan)  # needed now: bring it back
