@@ -174,18 +174,17 @@ class Swapper:
     def _put(
         self, job_id: str, generation: int, host: torch.Tensor, ready, started: float
     ) -> SwapDone:
-        ready.synchronize()
-        data = host.contiguous().view(torch.uint8).numpy()
-        meta = TensorMeta(
-            dtype=_DTYPE_NAMES[host.dtype], shape=tuple(host.shape), total_bytes=data.nbytes
-        )
-        return self._store(
-            job_id,
-            generation,
-            started,
-            lambda key: self.client.put_bytes(key, meta, memoryview(data)),
-            data.nbytes,
-        )
+        num_bytes = host.numel() * host.element_size()
+
+        def put(key: BlockKey) -> int:
+            ready.synchronize()  # inside _store: a failed device copy fails the swap, no more
+            data = host.contiguous().view(torch.uint8).numpy()
+            meta = TensorMeta(
+                dtype=_DTYPE_NAMES[host.dtype], shape=tuple(host.shape), total_bytes=num_bytes
+            )
+            return self.client.put_bytes(key, meta, memoryview(data))
+
+        return self._store(job_id, generation, started, put, num_bytes)
 
     def _store(
         self,
