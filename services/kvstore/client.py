@@ -86,8 +86,8 @@ class KVStoreClient:
         `key`; returns the bytes stored. Through shared memory when the store is on this host,
         else gRPC streaming; `use_shm` forces one way (True raises ShmUnavailableError when shm
         cannot be used). StoreFullError when full. `data` may be reused once this returns."""
-        _check_size(data, meta)
         if self._shm_target(use_shm) is None:
+            _check_size(data, meta)  # stage() checks it on the shm path
             return self.put(key, meta, data)
         return self.commit(self.stage(meta, data, use_shm=use_shm), key)
 
