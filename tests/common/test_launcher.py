@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import time
 
 import grpc
 import pytest
@@ -27,11 +28,24 @@ def test_a_reserved_port_is_refused_to_others_and_joined_by_a_reuse_port_server(
         server.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=5)
-        server.stop(0)
+        server.stop(0).wait()
     finally:
         ports.close()
-    with socket.socket() as again:
-        again.bind(("127.0.0.1", port))  # released on close
+    # Released on close. The server's side of the probe connection may be left in TIME_WAIT
+    # (a fresh-clone CI run hit EADDRINUSE here): SO_REUSEADDR binds past that, yet not past a
+    # reservation still held (it does not set SO_REUSEADDR); and retry while the stopped
+    # server's listener closes.
+    deadline = time.monotonic() + 5
+    while True:
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                again.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
 
 
 def test_plan_picks_distinct_ports_and_tells_children_to_join_them():
