@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bench import loadgen, metrics, workload
 from bench.metrics import RunMetrics
 from fastserve_client import Client
+from services.scheduler.core.kv_planner import KV_POLICIES
 from tests.stack import Stack
 from tests.tiny_model import tiny_llama_dir
 
@@ -60,24 +61,35 @@ class Variant:
     policy: str
     # `--policy-option` pairs, in order.
     options: tuple[tuple[str, str], ...] = ()
+    # `--kv-policy`, when the variant sets its own (else the sweep's).
+    kv_policy: str | None = None
 
     @property
     def is_plain_fcfs(self) -> bool:
+        """fcfs with no options: the baseline the summary divides by (any KV policy)."""
         return self.policy == "fcfs" and not self.options
 
     def flags(self) -> list[str]:
         flags = ["--policy", self.policy]
         for key, value in self.options:
             flags += ["--policy-option", f"{key}={value}"]
+        if self.kv_policy:
+            flags += ["--kv-policy", self.kv_policy]
         return flags
 
 
 def parse_variant(spec: str) -> Variant:
-    """`[label=]policy[:key=value,...]`, e.g. `sj-paper=skip-join-mlfq:charge=whole,backfill=off`.
+    """`[label=]policy[:key=value,...][@kv-policy]`, e.g.
+    `sj-paper=skip-join-mlfq:charge=whole,backfill=off` or `fcfs@recompute`.
 
     Without a label: the policy name, plus `/key=value` per option (skip-join-mlfq shortened to
-    sj-mlfq when it has options)."""
-    head, _, option_text = spec.partition(":")
+    sj-mlfq when it has options), plus `@kv-policy` when one is given."""
+    spec_text, has_kv, kv_policy = spec.rpartition("@")
+    if not has_kv:
+        spec_text, kv_policy = spec, ""
+    elif kv_policy not in KV_POLICIES:
+        raise ValueError(f"kv policy {kv_policy!r} in {spec!r} is not one of {KV_POLICIES}")
+    head, _, option_text = spec_text.partition(":")
     label, has_label, policy = head.rpartition("=")
     if not has_label:
         label, policy = "", head
@@ -94,7 +106,9 @@ def parse_variant(spec: str) -> Variant:
         if options:
             short = SHORT_NAMES.get(policy, policy)
             label = "/".join([short, *(f"{k}={v}" for k, v in options)])
-    return Variant(label, policy, tuple(options))
+        if kv_policy:
+            label += f"@{kv_policy}"
+    return Variant(label, policy, tuple(options), kv_policy or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policies",
         nargs="+",
         metavar="SPEC",
-        help="[label=]policy[:key=value,...] each (default: all seven; quick: the first four)",
+        help="[label=]policy[:key=value,...][@kv-policy] each (default: all seven; quick: the "
+        "first four)",
+    )
+    parser.add_argument(
+        "--kv-policy", choices=KV_POLICIES, help="for variants without @kv-policy (default: up's)"
     )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
@@ -162,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ]
     if args.num_blocks is not None:
         args.stack_flags.append(f"--num-blocks={args.num_blocks}")
+    if args.kv_policy is not None:
+        args.stack_flags.append(f"--kv-policy={args.kv_policy}")
     specs = args.policies or (QUICK_POLICIES if args.quick else DEFAULT_POLICIES)
     try:
         variants = [parse_variant(spec) for spec in specs]
@@ -181,6 +201,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suffix = "-quick" if args.quick else ""
     args.name = args.name or f"policies-{args.model_label}-{args.dataset}-{args.arrival}{suffix}"
     return args
+
+
+def up_flags(args: argparse.Namespace, variant: Variant) -> list[str]:
+    """`fastserve up` flags for a variant: the sweep's, then the variant's (later flags win, so
+    a variant's own `@kv-policy` overrides `--kv-policy`)."""
+    return [*args.stack_flags, *variant.flags()]
 
 
 def make_requests(
@@ -272,7 +298,8 @@ def run_variant(
 def sweep_policies(args: argparse.Namespace, model: str | Path) -> tuple[Calibration, Sweep]:
     """Calibrates on fcfs, then runs every variant at every rate, one stack at a time."""
     print(f"calibrating on fcfs ({args.model}) ...", file=sys.stderr, flush=True)
-    stack: Stack | None = Stack.start(model, "--policy", "fcfs", *args.stack_flags)
+    baseline = args.variants[0] if args.variants[0].is_plain_fcfs else Variant("fcfs", "fcfs")
+    stack: Stack | None = Stack.start(model, *up_flags(args, baseline))
     try:
         calibration = calibrate(args, stack)
         if not args.variants[0].is_plain_fcfs:  # else the calibration stack serves fcfs's sweep
@@ -290,7 +317,7 @@ def sweep_policies(args: argparse.Namespace, model: str | Path) -> tuple[Calibra
                 if stack is None:
                     progress.set_description(f"{variant.label}: starting")
                     try:
-                        stack = Stack.start(model, *variant.flags(), *args.stack_flags)
+                        stack = Stack.start(model, *up_flags(args, variant))
                         warm_up(stack, calibration.average_request, calibration.num_burst)
                     except RuntimeError as error:  # start-up or warm-up failed: skip the variant
                         lines = str(error).strip().splitlines()  # the launcher's last words last

@@ -11,7 +11,8 @@ to measurements (docs/iteration-overhead.md, the profiler's tables):
                 + per_context_token * decodes * longest decode context (padded attention)
 
 Usage: .venv/bin/python bench/simulate.py [--model smollm2] [--dataset sharegpt --scale 0.1]
-           [--rates 2,3,6] [--num-requests 80] [--seeds 0,1,2] [--policies fcfs skip-join-mlfq]
+           [--rates 2,3,6] [--num-requests 80] [--seeds 0,1,2] [--num-blocks 40]
+           [--kv-policy proactive] [--policies fcfs@recompute skip-join-mlfq]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench import workload
 from bench.policies import parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.scheduler.core.decision import Decision, EventKind, SwapResult
+from services.scheduler.core.kv_planner import KV_POLICIES
 from services.scheduler.core.policy import make_policy
 from services.scheduler.core.profile import PerformanceProfile
 
@@ -159,6 +161,10 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=80)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=100_000, help="KV blocks of 16 tokens")
+    parser.add_argument(
+        "--kv-policy", choices=KV_POLICIES, default="proactive", help="unless a variant says @"
+    )
     parser.add_argument(
         "--policies", nargs="+", default=["fcfs", "skip-join-mlfq", "mlfq", "srpt-oracle"]
     )
@@ -180,6 +186,7 @@ def main() -> None:
                 outcome = simulate(
                     requests, variant.policy, dict(variant.options), cost,
                     max_model_len=max_model_len, max_batch_size=args.max_batch_size,
+                    num_blocks=args.num_blocks, kv_policy=variant.kv_policy or args.kv_policy,
                 )  # fmt: skip
                 results.setdefault(variant.label, []).append(outcome)
         base = results[variants[0].label]

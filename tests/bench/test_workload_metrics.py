@@ -217,3 +217,33 @@ def test_policy_specs_become_up_flags():
     assert fcfs.label == "fcfs" and fcfs.is_plain_fcfs and fcfs.flags() == ["--policy", "fcfs"]
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_variant("mlfq:charge")
+
+
+def test_a_policy_spec_may_set_its_own_kv_policy():
+    from bench.policies import parse_variant
+
+    vllm = parse_variant("fcfs@recompute")
+    assert vllm.label == "fcfs@recompute" and vllm.is_plain_fcfs
+    assert vllm.flags() == ["--policy", "fcfs", "--kv-policy", "recompute"]
+    tuned = parse_variant("skip-join-mlfq:starvation_s=20@proactive")
+    assert tuned.label == "sj-mlfq/starvation_s=20@proactive"
+    assert tuned.options == (("starvation_s", "20"),) and tuned.kv_policy == "proactive"
+    assert parse_variant("fs=skip-join-mlfq@reactive").label == "fs"
+    with pytest.raises(ValueError, match="kv policy 'swap'"):
+        parse_variant("fcfs@swap")
+
+
+def test_the_sweeps_kv_policy_comes_before_each_variants_own():
+    import argparse
+
+    from bench.policies import parse_args, up_flags
+    from services.launcher import add_arguments
+
+    up = argparse.ArgumentParser()
+    add_arguments(up)
+
+    args = parse_args(["--kv-policy", "reactive", "--policies", "mlfq", "fcfs@recompute"])
+    assert [v.label for v in args.variants] == ["fcfs@recompute", "mlfq"]  # baseline first
+    fcfs, mlfq = args.variants
+    assert up.parse_args(up_flags(args, fcfs)).kv_policy == "recompute"
+    assert up.parse_args(up_flags(args, mlfq)).kv_policy == "reactive"
