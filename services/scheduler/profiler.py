@@ -3,7 +3,9 @@
 Prefill: one job of L prompt tokens, for L up to the context (and the token budget).
 Decode: B jobs of one token each, for B up to the batch cap. Each point is the best of a few
 runs of the whole command round trip, i.e. what an iteration costs the scheduler. The cache is
-keyed by model, stage layout, device, dtype and block size, so a second start skips the work.
+keyed by model, stage layout, device, dtype, block size and the ranges measured (the longest
+prompt and the largest batch that the caps and the KV pool allow), so a second start skips the
+work, and a profile measured on a small pool is not reused for a larger one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ SLOW_POINT_S = 0.5
 _GREEDY = SamplingParams()
 
 
+def _longest_prefill(info: WorkerInfo, max_batched_tokens: int) -> int:
+    return min(info.max_model_len - 1, max_batched_tokens, info.num_blocks * info.block_size)
+
+
+def _blocks_per_decode_job(info: WorkerInfo) -> int:
+    return -(-(DECODE_CONTEXT + 1) // info.block_size)
+
+
+def _largest_batch(info: WorkerInfo, max_batch_size: int) -> int:
+    return max(1, min(max_batch_size, info.num_blocks // _blocks_per_decode_job(info)))
+
+
 def profile_key(info: WorkerInfo, max_batch_size: int, max_batched_tokens: int) -> dict:
     return {
         "model": info.model_name,
@@ -41,7 +55,9 @@ def profile_key(info: WorkerInfo, max_batch_size: int, max_batched_tokens: int) 
         "block_size": info.block_size,
         "max_batch_size": max_batch_size,
         "max_batched_tokens": max_batched_tokens,
-        "version": 2,
+        "longest_prefill": _longest_prefill(info, max_batched_tokens),
+        "largest_batch": _largest_batch(info, max_batch_size),
+        "version": 3,
     }
 
 
@@ -87,8 +103,7 @@ def load_or_measure(
 def measure(
     worker: Pipeline, info: WorkerInfo, max_batch_size: int, max_batched_tokens: int
 ) -> PerformanceProfile:
-    capacity = info.num_blocks * info.block_size
-    longest = min(info.max_model_len - 1, max_batched_tokens, capacity)
+    longest = _longest_prefill(info, max_batched_tokens)
     lengths = [n for n in PREFILL_LENGTHS if n <= longest] or [1]
     _time_prefill(worker, info, lengths[0], repeats=1)  # warm-up
     prefill = []
@@ -96,9 +111,9 @@ def measure(
         prefill.append((n, _time_prefill(worker, info, n, REPEATS)))
         if prefill[-1][1] > SLOW_POINT_S:
             break
-    blocks_per_job = -(-(DECODE_CONTEXT + 1) // info.block_size)
-    fits = min(max_batch_size, info.num_blocks // blocks_per_job)
-    batches = sorted({b for b in DECODE_BATCHES if b <= fits} | {max(1, fits)})
+    blocks_per_job = _blocks_per_decode_job(info)
+    fits = _largest_batch(info, max_batch_size)
+    batches = sorted({b for b in DECODE_BATCHES if b <= fits} | {fits})
     decode = tuple((b, _time_decode(worker, info, b, blocks_per_job)) for b in batches)
     worker.open()  # forget the profiling jobs' blocks
     return PerformanceProfile(prefill_s=tuple(prefill), decode_s=decode)

@@ -50,20 +50,22 @@ def test_cost_model_profile_matches_its_own_iterations() -> None:
 
 def test_under_memory_pressure_swapping_wins_and_mlfq_does_not_thrash() -> None:
     """A pool of 25 blocks for a 16-wide batch. Swapping beats recomputing the preempted jobs
-    (the simulator charges swaps their copy time), and skip-join MLFQ with recompute is no
-    slower than fcfs with recompute: arrivals wait for free blocks instead of dropping the KV
-    of the jobs they outrank (before that rule it was 2.5-5x slower)."""
+    (the simulator charges swaps their copy time), and skip-join MLFQ with recompute beats fcfs
+    with recompute: arrivals wait for free blocks instead of dropping the KV of the jobs they
+    outrank (before that rule it was 2.5-5x slower), and demoted jobs do not count as starving
+    after a normal wait (with the old 5 s threshold they did, and dropped others' KV)."""
     cost, max_model_len = simulate.MODELS["smollm2"]
     requests = workload.make_workload(40, 4.0, dataset="sharegpt", scale=0.1, seed=0)
 
-    def mean(policy: str, kv_policy: str) -> float:
+    def mean(policy: str, kv_policy: str, **options: str) -> float:
         outcome = simulate.simulate(
-            requests, policy, {}, cost, max_model_len=max_model_len,
+            requests, policy, options, cost, max_model_len=max_model_len,
             num_blocks=25, kv_policy=kv_policy,
         )  # fmt: skip
         assert len(outcome.per_token_s) == len(requests)
         return statistics.mean(outcome.per_token_s)
 
     mlfq_recompute = mean("skip-join-mlfq", "recompute")
-    assert mlfq_recompute > 1.3 * mean("skip-join-mlfq", "proactive")
-    assert mlfq_recompute < 1.1 * mean("fcfs", "recompute")
+    assert mlfq_recompute > 1.1 * mean("skip-join-mlfq", "proactive")
+    assert mlfq_recompute < 0.9 * mean("fcfs", "recompute")
+    assert mean("skip-join-mlfq", "recompute", starvation_s="5") > 1.1 * mlfq_recompute

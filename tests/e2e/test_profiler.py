@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,6 +65,14 @@ def test_profile_is_measured_on_the_worker_then_reused_from_disk(worker, tmp_pat
     with pytest.raises(AssertionError, match="reused"):
         profiler.load_or_measure(
             link, info, max_batch_size=4, max_batched_tokens=2048, cache_dir=tmp_path
+        )
+    # So is a KV pool too small for the largest batch, whose profile stops short of it: such a
+    # profile must not be reused by a stack with a full pool, nor the other way round.
+    small_pool = dataclasses.replace(info, num_blocks=6)
+    assert profiler.profile_key(small_pool, 8, 2048)["largest_batch"] == 2  # 3 blocks a job
+    with pytest.raises(AssertionError, match="reused"):
+        profiler.load_or_measure(
+            link, small_pool, max_batch_size=8, max_batched_tokens=2048, cache_dir=tmp_path
         )
 
 
