@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workload
-from bench.policies import parse_variant
+from bench.variants import parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.scheduler.core.decision import Decision, EventKind, SwapResult
 from services.scheduler.core.kv_planner import KV_POLICIES

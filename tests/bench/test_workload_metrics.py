@@ -201,7 +201,7 @@ def test_knee_rate_is_the_lowest_rate_reaching_the_threshold():
 
 
 def test_policy_specs_become_up_flags():
-    from bench.policies import parse_variant
+    from bench.variants import parse_variant
 
     paper = parse_variant("sj-paper=skip-join-mlfq:charge=whole,backfill=off,starvation=paper")
     assert paper.label == "sj-paper" and paper.policy == "skip-join-mlfq"
@@ -220,7 +220,7 @@ def test_policy_specs_become_up_flags():
 
 
 def test_a_policy_spec_may_set_its_own_kv_policy():
-    from bench.policies import parse_variant
+    from bench.variants import parse_variant
 
     vllm = parse_variant("fcfs@recompute")
     assert vllm.label == "fcfs@recompute" and vllm.is_plain_fcfs
