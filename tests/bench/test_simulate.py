@@ -69,3 +69,23 @@ def test_under_memory_pressure_swapping_wins_and_mlfq_does_not_thrash() -> None:
     assert mlfq_recompute > 1.1 * mean("skip-join-mlfq", "proactive")
     assert mlfq_recompute < 0.9 * mean("fcfs", "recompute")
     assert mean("skip-join-mlfq", "recompute", starvation_s="5") > 1.1 * mlfq_recompute
+
+
+def test_starvation_promotion_does_not_turn_sustained_overload_into_fcfs() -> None:
+    """150 requests at 3 req/s on a 25-block pool: arrivals outpace completions for the whole
+    run, so demoted jobs wait longer and longer. The default threshold (1000 full-batch
+    iterations, 93 s here) keeps skip-join MLFQ well ahead of fcfs; the earlier 200 iterations
+    (18.5 s) promoted the backlog ahead of every arrival and fell back to fcfs's latency."""
+    cost, max_model_len = simulate.MODELS["smollm2"]
+    requests = workload.make_workload(150, 3.0, dataset="sharegpt", scale=0.1, seed=0)
+
+    def mean(policy: str, **options: str) -> float:
+        outcome = simulate.simulate(
+            requests, policy, options, cost, max_model_len=max_model_len,
+            num_blocks=25, kv_policy="recompute",
+        )  # fmt: skip
+        return statistics.mean(outcome.per_token_s)
+
+    fcfs = mean("fcfs")
+    assert fcfs > 1.3 * mean("skip-join-mlfq")
+    assert fcfs < 1.2 * mean("skip-join-mlfq", starvation_s="18.5")

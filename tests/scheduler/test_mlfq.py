@@ -61,11 +61,11 @@ def test_defaults_come_from_the_profile():
         max_batch_size=1,
     )
     assert tiny.num_queues == 11  # 1 ms .. 1.02 s: not 4 queues ending at 8 ms
-    assert options.starvation_s == pytest.approx(200 * 0.015)
+    assert options.starvation_s == pytest.approx(1000 * 0.015)
     # A slow engine gets a proportionally long threshold (it was capped at 5 s), a fast one 0.5 s.
     slow = PerformanceProfile(prefill_s=((1, 0.05),), decode_s=((1, 0.05), (16, 0.09)))
-    assert MlfqOptions.from_profile(slow, 1024, 16).starvation_s == pytest.approx(18.0)
-    fast = PerformanceProfile(prefill_s=((1, 1e-3),), decode_s=((1, 1e-3), (16, 2e-3)))
+    assert MlfqOptions.from_profile(slow, 1024, 16).starvation_s == pytest.approx(90.0)
+    fast = PerformanceProfile(prefill_s=((1, 1e-4),), decode_s=((1, 1e-4), (16, 2e-4)))
     assert MlfqOptions.from_profile(fast, 1024, 16).starvation_s == 0.5
 
 

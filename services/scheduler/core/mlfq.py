@@ -37,6 +37,15 @@ from services.scheduler.core.profile import PerformanceProfile
 CHARGE_MODES = ("share", "whole")
 STARVATION_MODES = ("credit", "paper", "off")
 
+# Default starvation threshold, in full-batch decode iterations. It was 200 (after a 5 s cap
+# went: 5 s was under two average jobs on SmolLM2). bench/simulate.py, five seeds, 150
+# requests, fcfs@recompute / skip-join-mlfq@recompute mean per-token latency: SmolLM2 at 25 KV
+# blocks 1.00-1.14x at 200 iterations, 1.58-1.95x at 400, 1.73-1.98x at 1000 (as with no
+# promotion at all); the tiny model's live cost at 48 blocks and 6.5 req/s 1.84x / 2.12x /
+# 2.34x. The worst request's per-token latency did not grow. Without memory pressure no job
+# waits that long at these rates, so nothing changes there.
+STARVATION_ITERATIONS = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class MlfqOptions:
@@ -73,27 +82,25 @@ class MlfqOptions:
         """Defaults derived from the engine's speed: q0 is one lone decode iteration; enough
         queues that the last quantum covers the longest possible job run alone (a full-context
         prefill, then decoding to the end of the context), at most 16; the starvation
-        threshold is 200 full-batch decode iterations, at least 0.5 s.
+        threshold is STARVATION_ITERATIONS full-batch decode iterations, at least 0.5 s.
 
         Why the longest job and not the longest prefill: the last queue is FIFO, so once jobs
         sink to it the policy is FCFS among them. Sized for prefills only (the old rule), the
         tiny test model got 4 queues spanning 2-19 ms: a 4-token job sank to the last queue
         behind a 250-token one after 3 tokens and waited for all of it.
 
-        Why no upper bound on the threshold (it was 5 s): it must stay well above the normal
-        wait of a demoted job under load, which scales with the engine's speed like the quanta.
-        On SmolLM2 on a 2-core CPU, 5 s is about 50 full-batch iterations, under two average
-        ShareGPT x0.1 jobs: demoted jobs counted as starving at every load spike, went ahead
-        of every new job, and under memory pressure swapped others out to get back in. In the
-        simulator (25 KV blocks, 3-6 req/s, five seeds) the 200-iteration rule (18.5 s there)
-        gave 1.61-1.65x fcfs's mean per-token latency, against 1.23-1.40x with the 5 s cap."""
+        Why the threshold is long: it must stay well above the normal wait of a demoted job
+        under load, or promotion turns the policy back into FCFS by waiting time. Once jobs
+        arrive faster than they finish, every demoted job eventually waits past any threshold;
+        promoted first (longest wait first, with their old queue's allowance), they then hold
+        the batch against every arrival. See STARVATION_ITERATIONS for the numbers."""
         q0 = float(overrides.pop("base_quantum_s", profile.decode_time(1)))
         ratio = float(overrides.pop("quantum_ratio", 2.0))
         longest = profile.prefill_time(max_model_len) + max_model_len * profile.decode_time(1)
         needed = 1 + math.ceil(math.log(max(longest / q0, 1.0), max(ratio, 1.0001)))
         num_queues = int(overrides.pop("num_queues", min(needed, 16)))
         starvation = overrides.pop(
-            "starvation_s", max(200 * profile.decode_time(max_batch_size), 0.5)
+            "starvation_s", max(STARVATION_ITERATIONS * profile.decode_time(max_batch_size), 0.5)
         )
         return cls(
             base_quantum_s=q0,
