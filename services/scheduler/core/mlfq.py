@@ -41,8 +41,8 @@ STARVATION_MODES = ("credit", "paper", "off")
 # went: 5 s was under two average jobs on SmolLM2). bench/simulate.py, five seeds, 150
 # requests, fcfs@recompute / skip-join-mlfq@recompute mean per-token latency: SmolLM2 at 25 KV
 # blocks 1.00-1.14x at 200 iterations, 1.58-1.95x at 400, 1.73-1.98x at 1000 (as with no
-# promotion at all); the tiny model's live cost at 48 blocks and 6.5 req/s 1.84x / 2.12x /
-# 2.34x. The worst request's per-token latency did not grow. Without memory pressure no job
+# promotion at all). Live, the tiny model at 48 blocks, at the knee: 1.41x at 200, 2.91x at
+# 1000; SmolLM2 live was mixed (docs/scheduling-smollm2.md). Without memory pressure no job
 # waits that long at these rates, so nothing changes there.
 STARVATION_ITERATIONS = 1000
 
