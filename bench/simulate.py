@@ -67,6 +67,10 @@ MODELS = {
     "smollm2": (CostModel(0.051, 0.0026, 0.004, 0.0000015), 8192),
     # The tiny test model: iteration overhead dominates (4 ms alone, 6.5 ms at 16).
     "tiny": (CostModel(0.0038, 0.00017, 0.00002, 0.0), 512),
+    # The tiny model as the live stack ran it on 2026-12-02 (11.5 ms a token unloaded, 18-20 ms a
+    # step under memory pressure): a rough fit, for the starvation sweep in
+    # docs/scheduling-smollm2.md.
+    "tiny-live": (CostModel(0.009, 0.00055, 0.00005, 0.0), 512),
 }
 
 
