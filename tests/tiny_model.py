@@ -40,11 +40,13 @@ def tiny_llama_config(vocab_size: int, **overrides):
 
 def build_tiny_llama(directory: Path, seed: int = 0) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.model_source import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from services.common.model_source import DEFAULT_MODEL, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
+    # Straight from the GGUF: load_tokenizer would first convert the whole model (a minute).
+    source = resolve_model(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.hf_kwargs())
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)))
     # Larger-than-default weights make logits spread out, so greedy choices are rarely near-ties.

@@ -5,12 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgumentError
-from services.common.model_source import (
-    ModelSource,
-    load_config,
-    load_tokenizer,
-    max_model_len,
-)
+from services.common.model_source import ModelSource, load_serving_limits, load_tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +42,13 @@ class ModelTokenizer:
     @classmethod
     def load(cls, source: ModelSource) -> ModelTokenizer:
         tokenizer = load_tokenizer(source)
-        config = load_config(source)
+        limits = load_serving_limits(source)
+        eos_id = getattr(tokenizer, "eos_token_id", None)
         return cls(
             source=source,
             tokenizer=tokenizer,
-            stop_token_ids=frozenset(_eos_ids(source, tokenizer, config)),
-            max_model_len=max_model_len(config),
+            stop_token_ids=limits.eos_token_ids | ({eos_id} if isinstance(eos_id, int) else set()),
+            max_model_len=limits.max_model_len,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         )
 
@@ -67,21 +63,3 @@ class ModelTokenizer:
         if not self.has_chat_template:
             raise InvalidArgumentError("chat", f"model {self.name} has no chat template")
         return encode_chat(self.tokenizer, turns)
-
-
-def _eos_ids(source: ModelSource, tokenizer, config) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    try:
-        from transformers import GenerationConfig
-
-        generation = GenerationConfig.from_pretrained(source.directory, **source.hf_kwargs())
-        value = generation.eos_token_id
-        ids.update([value] if isinstance(value, int) else (value or []))
-    except Exception:  # GGUF folders and minimal folders have no generation_config.json
-        pass
-    return ids

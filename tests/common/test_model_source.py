@@ -1,12 +1,25 @@
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
+from services.common import model_source
 from services.common.model_source import (
     DEFAULT_MODEL,
     ModelNotFoundError,
+    ModelSource,
+    ServingLimits,
+    convert_once,
     load_model,
+    load_serving_limits,
+    load_tokenizer,
     resolve_model,
 )
+from tests.stack import ROOT
 
 
 def test_default_name_and_aliases_resolve_to_the_packaged_gguf():
@@ -44,3 +57,84 @@ def test_dummy_weights_keep_the_config_but_not_the_weights(tiny_model_dir, tiny_
 def test_bfloat16_loading(tiny_model_dir):
     model = load_model(resolve_model(str(tiny_model_dir)), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_conversion_runs_once_and_later_loads_reuse_the_folder(tmp_path):
+    target = tmp_path / "models" / "m-1"
+    calls = []
+
+    def convert(folder):
+        calls.append(folder)
+        (folder / "config.json").write_text("{}")
+
+    convert_once(target, convert)
+    convert_once(target, convert)
+    assert len(calls) == 1 and (target / "config.json").is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["m-1", "m-1.lock"]  # no scratch left
+
+
+def test_processes_starting_together_convert_once(tmp_path):
+    target = tmp_path / "m"
+    calls = []
+
+    def convert(folder):
+        calls.append(folder)
+        time.sleep(0.3)  # the other thread reaches the lock meanwhile
+        (folder / "config.json").write_text("{}")
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: convert_once(target, convert), range(2)))
+    assert len(calls) == 1 and (target / "config.json").is_file()
+
+
+def test_a_failed_conversion_leaves_nothing_and_is_retried(tmp_path):
+    target = tmp_path / "m"
+
+    def crash(folder):
+        (folder / "half-written").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        convert_once(target, crash)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["m.lock"]
+    convert_once(target, lambda folder: (folder / "config.json").write_text("{}"))
+    assert (target / "config.json").is_file()
+
+
+def test_an_unwritable_cache_falls_back_to_reading_the_gguf(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(model_source, "MODEL_CACHE", blocker / "models")
+    source = resolve_model(DEFAULT_MODEL)
+    assert model_source.local_folder(source) == source
+
+
+def test_the_frontend_loads_without_torch_what_auto_classes_load(tiny_model_dir):
+    """The tokenizer fast path and the serving limits read from JSON agree with transformers'
+    Auto classes, and a fresh interpreter loading them never imports torch."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = resolve_model(str(tiny_model_dir))
+    fast, auto = load_tokenizer(source), AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "Hello wörld, <|im_start|> 日本"
+    assert fast(text)["input_ids"] == auto(text)["input_ids"]
+    assert fast.chat_template == auto.chat_template and fast.eos_token_id == auto.eos_token_id
+    limits = load_serving_limits(source)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert limits == ServingLimits(config.max_position_embeddings, frozenset({config.eos_token_id}))
+    probe = (
+        "import sys; from services.frontend.tokenizer import ModelTokenizer; "
+        "from services.common.model_source import resolve_model; "
+        f"ModelTokenizer.load(resolve_model({str(tiny_model_dir)!r})); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
+
+
+def test_serving_limits_read_nested_configs_and_eos_lists(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"text_config": {"max_position_embeddings": 4096}, "eos_token_id": [5, 6]})
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    limits = load_serving_limits(ModelSource(name="m", directory=tmp_path))
+    assert limits == ServingLimits(4096, frozenset({5, 6, 7}))

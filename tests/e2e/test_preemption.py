@@ -85,13 +85,21 @@ def _short_job_latencies(stack: Stack, num_short: int = 8) -> tuple[list[float],
 
 
 def test_short_jobs_are_not_blocked_behind_a_long_one(tiny_model_dir):
-    results = {}
-    for policy in ("fcfs", "skip-join-mlfq"):
-        stack = Stack.start(tiny_model_dir, "--max-batch-size", "1", "--policy", policy)
-        try:
-            results[policy] = _short_job_latencies(stack)
-        finally:
-            assert stack.stop() == 0
+    policies = ("fcfs", "skip-join-mlfq")
+    with ThreadPoolExecutor(2) as pool:  # both start at once; they run one after the other
+        starts = [
+            pool.submit(Stack.start, tiny_model_dir, "--max-batch-size", "1", "--policy", policy)
+            for policy in policies
+        ]
+    stacks = [start.result() for start in starts if start.exception() is None]
+    try:
+        assert len(stacks) == len(policies), "a stack failed to start"
+        results = {
+            policy: _short_job_latencies(stack)
+            for policy, stack in zip(policies, stacks, strict=True)
+        }
+    finally:
+        assert [stack.stop() for stack in stacks] == [0] * len(stacks)
     fcfs = statistics.mean(results["fcfs"][0])
     mlfq = statistics.mean(results["skip-join-mlfq"][0])
     ratio = fcfs / mlfq
