@@ -129,8 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if len({v.label for v in variants}) != len(variants):
         parser.error("policy labels must be distinct")
-    # fcfs first: the calibration stack is a plain fcfs one, reused for its sweep.
-    args.variants = sorted(variants, key=lambda v: not v.is_plain_fcfs)
+    # The first plain fcfs goes first: the calibration stack is a plain fcfs one, reused for its
+    # sweep. The rest keep their order, so a baseline listed again last measures the drift.
+    first = next((v for v in variants if v.is_plain_fcfs), None)
+    args.variants = [first, *(v for v in variants if v is not first)] if first else variants
     args.fractions = QUICK_FRACTIONS if args.quick else DEFAULT_FRACTIONS
     if args.rate_fractions:
         args.fractions = [float(f) for f in args.rate_fractions.split(",")]

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workload
-from bench.variants import parse_variant
+from bench.variants import Variant, parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.scheduler.core.decision import Decision, EventKind, SwapResult
 from services.scheduler.core.kv_planner import KV_POLICIES
@@ -71,6 +72,11 @@ MODELS = {
     # step under memory pressure): a rough fit, for the starvation sweep in
     # docs/scheduling-smollm2.md.
     "tiny-live": (CostModel(0.009, 0.00055, 0.00005, 0.0), 512),
+    # SmolLM2-135M as the live stack ran it on 2026-12-02 with a 25-block pool (profile: a lone
+    # decode 142 ms, 8 decodes 280 ms; prefill 146 / 294 / 529 ms for 1 / 16 / 64 tokens). On
+    # the live benchmark's seed-0 workload at 1.2 req/s it gives fcfs@recompute 1353 ms a token
+    # (live 1434), skip-join-mlfq@recompute 901 (827) and @proactive 734 (809).
+    "smollm2-live": (CostModel(0.125, 0.019, 0.0065, 0.0), 8192),
 }
 
 
@@ -156,6 +162,43 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
 
 
+@dataclass(frozen=True, slots=True)
+class Knee:
+    """One seed's knee: the lowest rate where the baseline (the first variant) reaches
+    `factor` x its unloaded per-token latency, and each variant's ratio there."""
+
+    seed: int
+    rate: float
+    baseline_over_unloaded: float
+    ratios: dict[str, tuple[float, float]]  # label -> baseline / variant, mean and P95
+
+
+def find_knee(
+    run: Callable[[list[workload.Request], Variant], Outcome],
+    make_requests: Callable[[float], list[workload.Request]],
+    variants: list[Variant],
+    rates: list[float],
+    factor: float,
+    seed: int,
+) -> Knee | None:
+    """As bench/policies.py summarises a live sweep: unloaded = the baseline serving eight
+    requests one at a time (1,000 s apart); None when no rate reaches the knee."""
+    unloaded = statistics.mean(run(make_requests(0.001)[:8], variants[0]).per_token_s)
+    for rate in rates:
+        requests = make_requests(rate)
+        base = run(requests, variants[0])
+        base_mean, base_p95 = statistics.mean(base.per_token_s), p95(base.per_token_s)
+        if base_mean < factor * unloaded:
+            continue
+        ratios = {}
+        for variant in variants[1:]:
+            outcome = run(requests, variant)
+            mean, tail = statistics.mean(outcome.per_token_s), p95(outcome.per_token_s)
+            ratios[variant.label] = (base_mean / mean, base_p95 / tail)
+        return Knee(seed, rate, base_mean / unloaded, ratios)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -172,27 +215,61 @@ def main() -> None:
     parser.add_argument(
         "--policies", nargs="+", default=["fcfs", "skip-join-mlfq", "mlfq", "srpt-oracle"]
     )
+    parser.add_argument(
+        "--knee-factor", type=float, default=None,
+        help="per seed, report the ratios at the lowest rate where the first policy reaches "
+        "this many times its unloaded per-token latency (issue 3's measure: 5)",
+    )  # fmt: skip
     args = parser.parse_args()
     cost, max_model_len = MODELS[args.model]
     variants = [parse_variant(spec) for spec in args.policies]
+    rates = [float(r) for r in args.rates.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def run(requests: list[workload.Request], variant: Variant) -> Outcome:
+        return simulate(
+            requests, variant.policy, dict(variant.options), cost,
+            max_model_len=max_model_len, max_batch_size=args.max_batch_size,
+            num_blocks=args.num_blocks, kv_policy=variant.kv_policy or args.kv_policy,
+        )  # fmt: skip
+
+    def requests_for(seed: int) -> Callable[[float], list[workload.Request]]:
+        return lambda rate: workload.make_workload(
+            args.num_requests, rate, dataset=args.dataset, scale=args.scale,
+            max_context_tokens=max_model_len, seed=seed,
+        )  # fmt: skip
+
     print(
         f"model {args.model}, {args.dataset} x{args.scale}, {args.num_requests} requests, "
         f"seeds {args.seeds}; per-token latency ms (mean / P95), first policy / it in brackets"
     )
-    for rate in (float(r) for r in args.rates.split(",")):
+    if args.knee_factor is not None:
+        knees = []
+        for seed in seeds:
+            knee = find_knee(run, requests_for(seed), variants, rates, args.knee_factor, seed)
+            if knee is None:
+                print(f"seed {seed}: no rate reaches {args.knee_factor:g}x unloaded")
+                continue
+            knees.append(knee)
+            cells = " | ".join(f"{k} {m:.2f}x/{t:.2f}x" for k, (m, t) in knee.ratios.items())
+            print(f"seed {seed}: knee {knee.rate:g} ({knee.baseline_over_unloaded:.1f}x): {cells}")
+        if not knees:
+            return
+        for variant in variants[1:]:
+            means = [knee.ratios[variant.label][0] for knee in knees]
+            tails = [knee.ratios[variant.label][1] for knee in knees]
+            print(
+                f"{variant.label}: mean {statistics.mean(means):.2f}x (min {min(means):.2f}x, "
+                f">= 2x on {sum(m >= 2 for m in means)} of {len(means)}), "
+                f"P95 {statistics.mean(tails):.2f}x (min {min(tails):.2f}x)"
+            )
+        return
+    for rate in rates:
         results: dict[str, list[Outcome]] = {}
-        for seed in (int(s) for s in args.seeds.split(",")):
-            requests = workload.make_workload(
-                args.num_requests, rate, dataset=args.dataset, scale=args.scale,
-                max_context_tokens=max_model_len, seed=seed,
-            )  # fmt: skip
+        for seed in seeds:
+            requests = requests_for(seed)(rate)
             for variant in variants:
-                outcome = simulate(
-                    requests, variant.policy, dict(variant.options), cost,
-                    max_model_len=max_model_len, max_batch_size=args.max_batch_size,
-                    num_blocks=args.num_blocks, kv_policy=variant.kv_policy or args.kv_policy,
-                )  # fmt: skip
-                results.setdefault(variant.label, []).append(outcome)
+                results.setdefault(variant.label, []).append(run(requests, variant))
         base = results[variants[0].label]
         base_mean = statistics.mean(statistics.mean(o.per_token_s) for o in base)
         base_p95 = statistics.mean(p95(o.per_token_s) for o in base)

@@ -11,8 +11,10 @@ benchmarks, as the paper's artifact does for OPT-13B).
 A GGUF is converted once into a Hugging Face folder (weights dequantized to float32, config,
 tokenizer) under FASTSERVE_MODEL_CACHE (default ~/.cache/fastserve/models): transformers takes
 about 45 s of CPU to read SmolLM2's GGUF (it parses the vocabulary and rebuilds its tensor name
-map per tensor), the folder loads in about 2 s. Every process then loads the folder; where the
-cache cannot be written (a read-only file system), each reads the GGUF as before.
+map per tensor), the folder loads in about a second. Every process then loads the folder; where
+the cache cannot be written (a read-only file system), each reads the GGUF as before. A process
+that needs no weights (the frontend) converts only the tokenizer and config, unless the whole
+folder is there already, so a frontend pod does not dequantize a model it never runs.
 
 The frontend needs only the tokenizer, the context length and the stop tokens: those load
 without importing torch or a model class (7 s less for each start on 2 cores).
@@ -110,12 +112,12 @@ def _smollm2_source() -> ModelSource:
 def load_config(source: ModelSource) -> PretrainedConfig:
     from transformers import AutoConfig
 
-    source = local_folder(source)
+    source = local_folder(source, weights=False)
     return AutoConfig.from_pretrained(source.directory, **source.hf_kwargs())
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    source = local_folder(source)
+    source = local_folder(source, weights=False)
     if _plain_tokenizer(source):  # AutoTokenizer would import torch and the model's config
         from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +136,7 @@ class ServingLimits:
 
 
 def load_serving_limits(source: ModelSource) -> ServingLimits:
-    source = local_folder(source)
+    source = local_folder(source, weights=False)
     if source.gguf_file:
         config = load_config(source).to_dict()
         generation: dict[str, Any] = {}
@@ -149,9 +151,11 @@ def load_serving_limits(source: ModelSource) -> ServingLimits:
     return ServingLimits(int(length or 2048), frozenset(eos_ids))
 
 
-def local_folder(source: ModelSource) -> ModelSource:
+def local_folder(source: ModelSource, *, weights: bool = True) -> ModelSource:
     """`source` as a Hugging Face folder: a GGUF converted once and cached (module docstring);
-    the source itself when it is a folder already or the cache cannot be written."""
+    the source itself when it is a folder already or the cache cannot be written. Without
+    `weights` (the frontend), a folder of only the tokenizer and config does, unless the whole
+    conversion is there already."""
     if not source.gguf_file:
         return source
     import transformers
@@ -160,8 +164,10 @@ def local_folder(source: ModelSource) -> ModelSource:
     stat = gguf.stat()
     key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
     target = MODEL_CACHE / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not weights and not (target / _CONVERTED).is_file():
+        target = target.with_name(f"{target.name}-tokenizer")
     try:
-        convert_once(target, lambda folder: _convert_gguf(source, folder))
+        convert_once(target, lambda folder: _convert_gguf(source, folder, weights=weights))
     except OSError as exc:
         log.warning("cannot cache the converted %s (%s); reading the GGUF", gguf.name, exc)
         return source
@@ -189,14 +195,19 @@ def convert_once(target: Path, convert: Callable[[Path], None]) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _convert_gguf(source: ModelSource, folder: Path) -> None:
+def _convert_gguf(source: ModelSource, folder: Path, *, weights: bool) -> None:
     import torch
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     log.info("converting %s once into %s", source.gguf_file, folder.parent)
     kwargs = source.hf_kwargs()
     AutoTokenizer.from_pretrained(source.directory, **kwargs).save_pretrained(folder)
+    if not weights:
+        config = AutoConfig.from_pretrained(source.directory, **kwargs)
+        config.save_pretrained(folder)
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+        return
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs)
     # The weights are dequantized already: save a plain float32 checkpoint (transformers'
     # save_pretrained refuses a model loaded from GGUF). save_model keeps tied weights once.
@@ -235,7 +246,7 @@ def load_model(
 
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    source = local_folder(source)
+    source = local_folder(source, weights=load_format != "dummy")
     if load_format == "dummy":
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype)

@@ -8,6 +8,7 @@ import pytest
 
 from bench import simulate, workload
 from bench.simulate import CostModel
+from bench.variants import parse_variant
 from bench.workload import Request
 
 COST = CostModel(base_s=0.05, per_decode_s=0.002, per_prefill_token_s=0.004, per_context_token_s=0)
@@ -89,3 +90,34 @@ def test_starvation_promotion_does_not_turn_sustained_overload_into_fcfs() -> No
     fcfs = mean("fcfs")
     assert fcfs > 1.3 * mean("skip-join-mlfq")
     assert fcfs < 1.2 * mean("skip-join-mlfq", starvation_s="18.5")
+
+
+def test_the_knee_is_the_lowest_rate_where_the_baseline_reaches_the_factor() -> None:
+    """find_knee applies issue 3's measure per seed: unloaded latency from eight requests
+    served one at a time, then the first rate (in the order given) at 5x or more."""
+    variants = [parse_variant("fcfs"), parse_variant("skip-join-mlfq")]
+    rates = [1.0, 2.0, 4.0, 8.0]
+
+    def make_requests(rate: float) -> list[Request]:
+        return workload.make_workload(40, rate, dataset="sharegpt", scale=0.1, seed=1)
+
+    def run(requests: list[Request], variant) -> simulate.Outcome:
+        return simulate.simulate(
+            requests, variant.policy, {}, COST, max_model_len=2048, num_blocks=20
+        )
+
+    knee = simulate.find_knee(run, make_requests, variants, rates, factor=5.0, seed=1)
+    assert knee is not None
+    unloaded = statistics.mean(run(make_requests(0.001)[:8], variants[0]).per_token_s)
+    fcfs = {
+        rate: statistics.mean(run(make_requests(rate), variants[0]).per_token_s) for rate in rates
+    }
+    assert fcfs[knee.rate] >= 5 * unloaded
+    assert all(fcfs[rate] < 5 * unloaded for rate in rates[: rates.index(knee.rate)])
+    assert knee.rate > rates[0]  # the lowest rate is not overload: the test means something
+    assert knee.baseline_over_unloaded == pytest.approx(fcfs[knee.rate] / unloaded)
+    mlfq = run(make_requests(knee.rate), variants[1]).per_token_s
+    assert knee.ratios["skip-join-mlfq"][0] == pytest.approx(
+        fcfs[knee.rate] / statistics.mean(mlfq)
+    )
+    assert simulate.find_knee(run, make_requests, variants, rates, factor=1e6, seed=1) is None

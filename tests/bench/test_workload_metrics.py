@@ -247,3 +247,13 @@ def test_the_sweeps_kv_policy_comes_before_each_variants_own():
     fcfs, mlfq = args.variants
     assert up.parse_args(up_flags(args, fcfs)).kv_policy == "recompute"
     assert up.parse_args(up_flags(args, mlfq)).kv_policy == "reactive"
+
+
+def test_only_the_first_plain_fcfs_moves_to_the_front():
+    """It shares the calibration stack; a second one listed last runs last, to show drift."""
+    from bench.policies import parse_args
+
+    specs = ["skip-join-mlfq", "fcfs@recompute", "mlfq", "again=fcfs@recompute"]
+    args = parse_args(["--policies", *specs])
+    labels = [v.label for v in args.variants]
+    assert labels == ["fcfs@recompute", "skip-join-mlfq", "mlfq", "again"]

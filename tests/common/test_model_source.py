@@ -138,3 +138,21 @@ def test_serving_limits_read_nested_configs_and_eos_lists(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     limits = load_serving_limits(ModelSource(name="m", directory=tmp_path))
     assert limits == ServingLimits(4096, frozenset({5, 6, 7}))
+
+
+@pytest.mark.slow
+def test_a_frontend_converts_only_the_tokenizer_and_config(tmp_path, monkeypatch):
+    """What needs no weights converts no weights: the frontend's tokenizer and limits from the
+    packaged GGUF come from a small folder that tokenizes exactly as the GGUF does."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(model_source, "MODEL_CACHE", tmp_path)
+    source = resolve_model(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(source)
+    assert load_serving_limits(source) == ServingLimits(8192, frozenset({2}))
+    (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert folder.name.endswith("-tokenizer") and not (folder / "model.safetensors").exists()
+    reference = AutoTokenizer.from_pretrained(source.directory, **source.hf_kwargs())
+    text = "The capital of France is Paris. ünïcode 日本語 <|im_start|>"
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert tokenizer.chat_template == reference.chat_template
