@@ -118,6 +118,8 @@ class RunMetrics:
     # the machine ran; on a shared 2-core VM the forward alone varies by up to 2x between runs.
     mean_iteration_ms: float = math.nan
     mean_forward_ms: float = math.nan
+    mean_batch_jobs: float = math.nan  # the scheduler's, over its last 1000 batches
+    mean_batch_tokens: float = math.nan
 
 
 def summarize(

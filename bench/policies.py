@@ -227,7 +227,11 @@ def run_variant(
         )
         stats = stack.scheduler_stats()
         point = replace(
-            point, mean_iteration_ms=stats.mean_iteration_ms, mean_forward_ms=stats.mean_forward_ms
+            point,
+            mean_iteration_ms=stats.mean_iteration_ms,
+            mean_forward_ms=stats.mean_forward_ms,
+            mean_batch_jobs=stats.mean_batch_jobs,
+            mean_batch_tokens=stats.mean_batch_tokens,
         )
         if point.num_errors:
             first = next(r.error for r in records if not r.ok)
@@ -332,8 +336,9 @@ def render_report(
         "",
         "Per-token latency is job latency (arrival to last token) / output tokens; TPOT is the "
         "time per output token after the first; goodput counts requests/s meeting the SLO. "
-        "Latencies in ms. The last column is the scheduler's mean iteration and worker forward "
-        "time at the end of each point: it shows how fast the machine was running.",
+        "Latencies in ms. The last two columns are the scheduler's mean iteration and worker "
+        "forward time, and jobs and tokens in a batch, over its last 1000 batches at the end of "
+        "each point: a slower step with the same batch means the machine ran slower.",
         "",
         "## Results",
         "",
@@ -341,9 +346,10 @@ def render_report(
     columns = ["policy", "rate (req/s)", "mean per-token", "P95 per-token", "mean TTFT"]
     columns += ["P95 TTFT", "mean TPOT", "throughput (req/s)", "output tokens/s"]
     columns += ["goodput (req/s)", "preemptions", "errors", "iteration / forward ms"]
+    columns += ["jobs / tokens a batch"]
     rows = [result_row(label, m) for label, runs in sweep.results.items() for m in runs]
     rows += [
-        [label, f"failed to start: {why}", *[""] * 11] for label, why in sweep.failures.items()
+        [label, f"failed to start: {why}", *[""] * 12] for label, why in sweep.failures.items()
     ]
     lines += table(columns, rows)
     lines += [
@@ -372,7 +378,8 @@ def result_row(label: str, m: RunMetrics) -> list[str]:
     rates = [f"{m.throughput_rps:.3g}", f"{m.throughput_tokens_per_s:.0f}", f"{m.goodput_rps:.3g}"]
     counts = [str(m.num_preemptions), str(m.num_errors)]
     server = f"{m.mean_iteration_ms:.1f} / {m.mean_forward_ms:.1f}"
-    return [label, f"{m.rate_rps:.3g}", *map(ms, latencies), *rates, *counts, server]
+    batch = f"{m.mean_batch_jobs:.1f} / {m.mean_batch_tokens:.1f}"
+    return [label, f"{m.rate_rps:.3g}", *map(ms, latencies), *rates, *counts, server, batch]
 
 
 def render_summary(args: argparse.Namespace, calibration: Calibration, sweep: Sweep) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -79,6 +80,8 @@ class EngineStats:
     num_recomputed_jobs: int = 0
     mean_iteration_ms: float = 0.0
     mean_forward_ms: float = 0.0
+    mean_batch_jobs: float = 0.0  # over the last 1000 batches
+    mean_batch_tokens: float = 0.0
     num_frontends: int = 0
     num_worker_used_blocks: int = 0
     num_swapped_out_jobs: int = 0
@@ -106,6 +109,8 @@ class Engine:
         self._stop = threading.Event()
         self._iteration_s: deque[float] = deque(maxlen=1000)
         self._forward_s: deque[float] = deque(maxlen=1000)
+        self._batch_jobs: deque[int] = deque(maxlen=1000)
+        self._batch_tokens: deque[int] = deque(maxlen=1000)
         self._worker_used_blocks = 0
         self._stats = EngineStats()
         self._stats_at = 0.0  # time.perf_counter() of the last snapshot
@@ -204,6 +209,9 @@ class Engine:
         # time, so the difference is everything the spine adds.
         self._iteration_s.append(time.perf_counter() - started)
         self._forward_s.append(result.forward_s)
+        if decision.chunks:
+            self._batch_jobs.append(len(decision.chunks))
+            self._batch_tokens.append(sum(len(chunk.token_ids) for chunk in decision.chunks))
         self._worker_used_blocks = result.num_used_blocks
         # Stats before events: a caller that has its last token also sees its job counted.
         self._publish_stats(force=any(e.kind is EventKind.FINISHED for e in events))
@@ -284,6 +292,8 @@ class Engine:
             num_recomputed_jobs=core.num_recomputed_jobs,
             mean_iteration_ms=_mean_ms(self._iteration_s),
             mean_forward_ms=_mean_ms(self._forward_s),
+            mean_batch_jobs=statistics.fmean(self._batch_jobs) if self._batch_jobs else 0.0,
+            mean_batch_tokens=statistics.fmean(self._batch_tokens) if self._batch_tokens else 0.0,
             num_frontends=num_frontends,
             num_worker_used_blocks=self._worker_used_blocks,
             num_swapped_out_jobs=core.num_swapped_out_jobs,

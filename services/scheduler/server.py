@@ -76,6 +76,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_recomputed_jobs=s.num_recomputed_jobs,
             mean_iteration_ms=s.mean_iteration_ms,
             mean_forward_ms=s.mean_forward_ms,
+            mean_batch_jobs=s.mean_batch_jobs,
+            mean_batch_tokens=s.mean_batch_tokens,
             num_frontends=s.num_frontends,
             num_worker_used_blocks=s.num_worker_used_blocks,
             kv_policy=self._kv_policy,
