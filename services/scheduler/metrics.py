@@ -43,6 +43,8 @@ GAUGES = {
     "kv_blocks_free": ("num_free_blocks", "Device KV blocks free"),
     "worker_kv_blocks_used": ("num_worker_used_blocks", "KV blocks the worker reports in use"),
     "swap_bytes_per_second": ("swap_bytes_per_s", "Estimated swap bandwidth"),
+    "mean_batch_jobs": ("mean_batch_jobs", "Mean jobs in a batch, last 1000 batches"),
+    "mean_batch_tokens": ("mean_batch_tokens", "Mean tokens in a batch, last 1000 batches"),
 }
 
 

@@ -53,6 +53,8 @@ def test_collector_exports_counters_gauges_levels_and_stages():
         swap_in_bytes=1 << 19,
         mean_iteration_ms=25.0,
         mean_forward_ms=20.0,
+        mean_batch_jobs=3.5,
+        mean_batch_tokens=40.25,
         num_preempted_jobs=2,
         num_preemptions=6,
         num_jobs_per_level=(1, 0, 4),
@@ -77,6 +79,7 @@ def test_collector_exports_counters_gauges_levels_and_stages():
     assert value("kv_blocks_used") == 24
     assert value("mean_iteration_seconds") == 0.025
     assert value("mean_forward_seconds") == 0.02
+    assert value("mean_batch_jobs") == 3.5 and value("mean_batch_tokens") == 40.25
     assert [value("queue_depth", level=str(k)) for k in range(3)] == [1, 0, 4]
     assert value("stage_kv_blocks_used", stage="1") == 11
     # Each stage's own pool minus its own use; a stage whose pool is unknown has no series.
