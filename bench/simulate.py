@@ -11,8 +11,11 @@ to measurements (docs/iteration-overhead.md, the profiler's tables):
                 + per_context_token * decodes * longest decode context (padded attention)
 
 Usage: .venv/bin/python bench/simulate.py [--model smollm2] [--dataset sharegpt --scale 0.1]
-           [--rates 2,3,6] [--num-requests 80] [--seeds 0,1,2] [--num-blocks 40]
-           [--kv-policy proactive] [--policies fcfs@recompute skip-join-mlfq]
+           [--rates 2,3,6] [--num-requests 200] [--seeds 0,1,2] [--num-blocks 40]
+           [--kv-policy proactive] [--policies fcfs@recompute skip-join-mlfq gittins]
+
+Besides the scheduler's policies, `gittins` (bench/gittins.py) orders by the Gittins index of
+the workload's output-length distribution: the best order that does not know each job's length.
 """
 
 from __future__ import annotations
@@ -20,18 +23,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workload
+from bench.gittins import GittinsPolicy, gittins_indices
 from bench.variants import Variant, parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.scheduler.core.decision import Decision, EventKind, SwapResult
 from services.scheduler.core.kv_planner import KV_POLICIES
-from services.scheduler.core.policy import make_policy
+from services.scheduler.core.policy import Policy, make_policy
 from services.scheduler.core.profile import PerformanceProfile
 
 
@@ -80,6 +84,9 @@ MODELS = {
 }
 
 
+GITTINS_SAMPLE, GITTINS_SEED = 10_000, 1_000_003
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     per_token_s: list[float]  # job latency / output tokens, per request
@@ -99,10 +106,12 @@ def simulate(
     kv_policy: str = "recompute",
     block_bytes: int = 737_280,  # SmolLM2-135M: 30 layers x K/V x 16 tokens x 3 heads x 64, f32
     swap_bytes_per_s: float = 2e9,
+    gittins: Sequence[float] = (),
 ) -> Outcome:
     """Replays `requests`; with kv_policy "proactive" or "reactive" a swap finishes by the next
     iteration and adds its copy time (bytes / swap_bytes_per_s) to the one it was sent in: on
-    a CPU the copy shares the cores with the model."""
+    a CPU the copy shares the cores with the model. Policy "gittins" (simulator only) orders by
+    the index table `gittins` (bench/gittins.py)."""
     clock = [0.0]
     config = SchedulerConfig(
         num_blocks=num_blocks,
@@ -117,11 +126,16 @@ def simulate(
         block_bytes=block_bytes,
     )
     profile = cost.profile(max_batch_size)
+    ordering: Policy
+    if policy == "gittins":
+        ordering = GittinsPolicy(gittins)
+    else:
+        ordering = make_policy(
+            policy, options, profile, max_model_len=max_model_len, max_batch_size=max_batch_size
+        )
     core = SchedulerCore(
         config,
-        make_policy(
-            policy, options, profile, max_model_len=max_model_len, max_batch_size=max_batch_size
-        ),
+        ordering,
         clock=lambda: clock[0],
         profile=profile,
     )
@@ -205,7 +219,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="sharegpt")
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--rates", default="2,3,4,6")
-    parser.add_argument("--num-requests", type=int, default=80)
+    parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=100_000, help="KV blocks of 16 tokens")
@@ -226,11 +240,20 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    # The Gittins policy knows the distribution of output lengths, not each job's: its index
+    # table comes from 10,000 requests of the same generator under another seed.
+    sample = workload.make_workload(
+        GITTINS_SAMPLE, 1.0, dataset=args.dataset, scale=args.scale,
+        max_context_tokens=max_model_len, seed=GITTINS_SEED,
+    )  # fmt: skip
+    indices = gittins_indices(r.output_tokens for r in sample)
+
     def run(requests: list[workload.Request], variant: Variant) -> Outcome:
         return simulate(
             requests, variant.policy, dict(variant.options), cost,
             max_model_len=max_model_len, max_batch_size=args.max_batch_size,
             num_blocks=args.num_blocks, kv_policy=variant.kv_policy or args.kv_policy,
+            gittins=indices,
         )  # fmt: skip
 
     def requests_for(seed: int) -> Callable[[float], list[workload.Request]]:
