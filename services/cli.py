@@ -3,6 +3,7 @@
     fastserve up                      all four services on this machine
     fastserve frontend|scheduler|worker|kvstore ...   one service (what a container runs)
     fastserve generate "PROMPT"       stream an answer through the SDK
+    fastserve prepare-model           convert a GGUF model into the cache ahead of time
 
 Each command's module is imported only when chosen, so `fastserve generate` does not load torch.
 """
@@ -20,12 +21,13 @@ COMMANDS = {
     "worker": ("services.worker.main", "a model-shard worker"),
     "kvstore": ("services.kvstore.main", "the host-memory KV block store"),
     "generate": ("services.generate_cmd", "stream a completion from a running server"),
+    "prepare-model": ("services.prepare_model_cmd", "convert a GGUF model into the cache now"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: fastserve COMMAND [flags]   (fastserve COMMAND --help for flags)", ""]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,42 @@ def test_a_frontend_converts_only_the_tokenizer_and_config(tmp_path, monkeypatch
     text = "The capital of France is Paris. ünïcode 日本語 <|im_start|>"
     assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
     assert tokenizer.chat_template == reference.chat_template
+
+
+def test_a_complete_conversion_is_used_without_writing_to_the_cache(tmp_path):
+    """What lets an image carry the conversion under a read-only root filesystem: a complete
+    folder is used as is, with no lock file or scratch folder made beside it."""
+    target = tmp_path / "m"
+    convert_once(target, lambda folder: (folder / "config.json").write_text("{}"))
+    (tmp_path / "m.lock").unlink()
+    convert_once(target, lambda folder: pytest.fail("converted again"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def run_prepare_model(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "prepare-model", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_prepare_model_refuses_unknown_models_and_leaves_folders_alone(tiny_model_dir):
+    missing = run_prepare_model("--model", "no-such-model")
+    assert missing.returncode == 2 and "no-such-model" in missing.stderr
+    folder = run_prepare_model("--model", str(tiny_model_dir))
+    assert folder.returncode == 0 and "nothing to convert" in folder.stdout
+
+
+@pytest.mark.slow
+def test_prepare_model_converts_the_default_gguf_into_the_cache():
+    """`fastserve prepare-model` (what the Docker image runs at build time) leaves the complete
+    conversion the services load: the folder it prints is the one a worker resolves to. It
+    shares the default cache with the default-model e2e test, so CI converts once."""
+    prepared = run_prepare_model()
+    assert prepared.returncode == 0, prepared.stderr
+    folder = Path(prepared.stdout.strip())
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert model_source.local_folder(resolve_model(DEFAULT_MODEL)).directory == folder
+    assert (
+        model_source.local_folder(resolve_model(DEFAULT_MODEL), weights=False).directory == folder
+    )

@@ -77,6 +77,18 @@ def test_image_entrypoint_is_the_fastserve_console_script():
     assert re.search(r"^USER (?!0|root)\S+", dockerfile, re.M), "the image must not run as root"
 
 
+def test_image_carries_the_default_model_converted():
+    """The image converts the GGUF at build time into a cache of its own, outside HOME (pods
+    run with a read-only root filesystem, so a service could not cache it at run time)."""
+    lines = DOCKERFILE.read_text().splitlines()
+    cache = next(ln for ln in lines if ln.startswith("ENV FASTSERVE_MODEL_CACHE="))
+    assert cache.split("=", 1)[1].startswith("/opt/")
+    prepare = next(i for i, ln in enumerate(lines) if "fastserve prepare-model" in ln)
+    installed = next(i for i, ln in enumerate(lines) if "pip install --no-deps ." in ln)
+    assert installed < lines.index(cache) < prepare < lines.index("USER 10001:10001")
+    assert any(ln == "ARG PREPARE_MODEL=SmolLM2-135M-Instruct" for ln in lines)
+
+
 def chart_env(ctr: dict) -> dict[str, str]:
     """The container's FASTSERVE_* variables; those the pod fills in get a stand-in value."""
     return {
