@@ -51,6 +51,7 @@ MODEL_CACHE = Path(
     os.environ.get("FASTSERVE_MODEL_CACHE", Path.home() / ".cache" / "fastserve" / "models")
 )
 _CONVERTED = "fastserve-converted"  # marker file: the folder is complete
+_unwritable: set[Path] = set()  # targets this process failed to write: it reads the GGUF
 # Tokenizer classes that are exactly their tokenizer.json; others go through AutoTokenizer.
 _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -167,9 +168,12 @@ def local_folder(source: ModelSource, *, weights: bool = True) -> ModelSource:
     target = MODEL_CACHE / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not weights and not (target / _CONVERTED).is_file():
         target = target.with_name(f"{target.name}-tokenizer")
+    if target in _unwritable:
+        return source
     try:
         convert_once(target, lambda folder: _convert_gguf(source, folder, weights=weights))
     except OSError as exc:
+        _unwritable.add(target)
         log.warning("cannot cache the converted %s (%s); reading the GGUF", gguf.name, exc)
         return source
     return ModelSource(name=source.name, directory=target)

@@ -102,12 +102,17 @@ def test_a_failed_conversion_leaves_nothing_and_is_retried(tmp_path):
     assert (target / "config.json").is_file()
 
 
-def test_an_unwritable_cache_falls_back_to_reading_the_gguf(tmp_path, monkeypatch):
+def test_an_unwritable_cache_falls_back_to_reading_the_gguf(tmp_path, monkeypatch, caplog):
+    """... and a process tries it once: the frontend asks for the tokenizer, then the limits."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setattr(model_source, "MODEL_CACHE", blocker / "models")
+    monkeypatch.setattr(model_source, "_unwritable", set())
     source = resolve_model(DEFAULT_MODEL)
     assert model_source.local_folder(source) == source
+    assert model_source.local_folder(source) == source
+    warnings = [r for r in caplog.records if "cannot cache" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_the_frontend_loads_without_torch_what_auto_classes_load(tiny_model_dir):
