@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from services.scheduler.core.job import Job
+from services.scheduler.core.policy import FcfsPolicy
 
 
 def gittins_indices(lengths: Iterable[int], weighted: bool = True) -> list[float]:
@@ -51,33 +52,21 @@ def gittins_indices(lengths: Iterable[int], weighted: bool = True) -> list[float
     return indices
 
 
-class GittinsPolicy:
+class GittinsPolicy(FcfsPolicy):
     """Orders jobs by the Gittins index of their age (output tokens so far), highest first, ties
-    in arrival order. Past the longest length seen, a job keeps the last index."""
+    in arrival order (fcfs's bookkeeping, another order). Past the longest length seen, a job
+    keeps the last index."""
 
     name = "gittins"
 
     def __init__(self, indices: Sequence[float]) -> None:
+        super().__init__()
         if not indices:
             raise ValueError("need at least one index")
         self._indices = list(indices)
-        self._jobs: dict[str, Job] = {}  # insertion order is arrival order
 
     def index(self, job: Job) -> float:
         return self._indices[min(job.num_output_tokens, len(self._indices) - 1)]
 
-    def add(self, job: Job, now: float) -> int:
-        self._jobs[job.job_id] = job
-        return 0
-
-    def remove(self, job: Job) -> None:
-        self._jobs.pop(job.job_id, None)
-
     def order(self, now: float) -> list[Job]:
-        return sorted(self._jobs.values(), key=lambda job: -self.index(job))  # stable
-
-    def on_iteration(self, ran: Sequence[tuple[Job, int]], elapsed_s: float, now: float) -> None:
-        pass
-
-    def level(self, job: Job) -> int:
-        return 0
+        return sorted(super().order(now), key=lambda job: -self.index(job))  # stable
