@@ -242,11 +242,13 @@ def main() -> None:
 
     # The Gittins policy knows the distribution of output lengths, not each job's: its index
     # table comes from 10,000 requests of the same generator under another seed.
-    sample = workload.make_workload(
-        GITTINS_SAMPLE, 1.0, dataset=args.dataset, scale=args.scale,
-        max_context_tokens=max_model_len, seed=GITTINS_SEED,
-    )  # fmt: skip
-    indices = gittins_indices(r.output_tokens for r in sample)
+    indices: list[float] = []
+    if any(variant.policy == "gittins" for variant in variants):
+        sample = workload.make_workload(
+            GITTINS_SAMPLE, 1.0, dataset=args.dataset, scale=args.scale,
+            max_context_tokens=max_model_len, seed=GITTINS_SEED,
+        )  # fmt: skip
+        indices = gittins_indices(r.output_tokens for r in sample)
 
     def run(requests: list[workload.Request], variant: Variant) -> Outcome:
         return simulate(
