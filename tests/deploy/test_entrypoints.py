@@ -86,6 +86,7 @@ def test_image_carries_the_default_model_converted():
     prepare = next(i for i, ln in enumerate(lines) if "fastserve prepare-model" in ln)
     installed = next(i for i, ln in enumerate(lines) if "pip install --no-deps ." in ln)
     assert installed < lines.index(cache) < prepare < lines.index("USER 10001:10001")
+    assert 'chown 10001:10001 "${FASTSERVE_MODEL_CACHE}"' in lines[prepare - 1]
     assert any(ln == "ARG PREPARE_MODEL=SmolLM2-135M-Instruct" for ln in lines)
 
 
