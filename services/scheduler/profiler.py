@@ -114,9 +114,19 @@ def measure(
     blocks_per_job = _blocks_per_decode_job(info)
     fits = _largest_batch(info, max_batch_size)
     batches = sorted({b for b in DECODE_BATCHES if b <= fits} | {fits})
-    decode = tuple((b, _time_decode(worker, info, b, blocks_per_job)) for b in batches)
+    decode = [(b, _time_decode(worker, info, b, blocks_per_job)) for b in batches]
     worker.open()  # forget the profiling jobs' blocks
-    return PerformanceProfile(prefill_s=tuple(prefill), decode_s=decode)
+    return PerformanceProfile(prefill_s=non_decreasing(prefill), decode_s=non_decreasing(decode))
+
+
+def non_decreasing(points: list[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """Lowers each time to the smallest at any larger size: more tokens or jobs never cost
+    less, so a point above a later one was slowed by something else (another process had the
+    cores), and left as is it would rank a 1-token prompt below a 64-token one in skip-join."""
+    result = list(points)
+    for i in range(len(result) - 2, -1, -1):
+        result[i] = (result[i][0], min(result[i][1], result[i + 1][1]))
+    return tuple(result)
 
 
 def _tokens(n: int, vocab_size: int, salt: int = 0) -> list[int]:

@@ -99,3 +99,12 @@ def test_worker_link_follows_a_moved_worker(worker):
     assert link.address == real_address
     assert link.wait_for_info(10).num_blocks == info.num_blocks
     link.close()
+
+
+def test_a_point_slower_than_a_larger_one_is_lowered_to_it():
+    """Noise (another process on the cores) must not make a short prompt look dearer than a
+    long one; real growth is kept."""
+    measured = [(1, 0.029), (16, 0.019), (64, 0.015), (256, 0.026)]
+    assert profiler.non_decreasing(measured) == ((1, 0.015), (16, 0.015), (64, 0.015), (256, 0.026))
+    growing = [(1, 0.01), (2, 0.02), (4, 0.03)]
+    assert profiler.non_decreasing(growing) == tuple(growing)
