@@ -17,13 +17,15 @@ from services.common.metrics_port import add_metrics_port_flag, start_metrics_se
 from services.common.model_source import (
     DEFAULT_MODEL,
     LOAD_FORMATS,
-    load_model,
+    load_config,
     max_model_len,
     resolve_model,
 )
+from services.worker.attention import BACKENDS as ATTENTION_BACKENDS
 from services.worker.executor import Executor
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
+from services.worker.models.loader import load_serving_model
 from services.worker.pipeline import BACKENDS, StageGroup
 from services.worker.server import SERVICE_NAME, WorkerServicer
 from services.worker.stage_layout import parse_layer_split, split_layers
@@ -43,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--device", default="cpu", help="cpu, cuda, cuda:N")
     add_flag(parser, "--dtype", default="float32", choices=sorted(DTYPES), help="weights and KV")
+    add_flag(
+        parser,
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="paged attention: cpu-kernel (CPU default) or reference (gather + SDPA)",
+    )
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="KV pool size in bytes")
@@ -96,20 +105,29 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("worker: --device cuda requested but CUDA is not available")
     dtype = DTYPES[args.dtype]
     source = resolve_model(args.model)
-    model = load_model(source, dtype=dtype, device=args.device, load_format=args.load_format)
+    config = load_config(source)
     try:
         layers = split_layers(
-            model.config.num_hidden_layers, args.num_stages, parse_layer_split(args.layer_split)
+            config.num_hidden_layers, args.num_stages, parse_layer_split(args.layer_split)
         )[args.stage_index]
+        model = load_serving_model(
+            source, layers=layers, dtype=dtype, device=args.device, load_format=args.load_format
+        )
     except (ValueError, IndexError) as exc:
         raise SystemExit(f"worker: {exc}") from exc
     num_blocks = args.num_blocks or max(
         1,
-        args.kv_bytes
-        // ModelRunner.bytes_per_block(model.config, args.block_size, dtype, len(layers)),
+        args.kv_bytes // ModelRunner.bytes_per_block(config, args.block_size, dtype, len(layers)),
     )
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, layers=layers)
-    runner.drop_other_stages()
+    try:
+        runner = ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=args.block_size,
+            attention_backend=args.attention_backend,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"worker: {exc}") from exc
     stages = None
     if args.num_stages > 1:
         try:
@@ -135,17 +153,17 @@ def run(args: argparse.Namespace) -> int:
         num_stages=args.num_stages,
         first_layer=layers.start,
         num_layers=len(layers),
-        num_total_layers=model.config.num_hidden_layers,
+        num_total_layers=config.num_hidden_layers,
         num_blocks=num_blocks,
         block_size_tokens=args.block_size,
         block_bytes=runner.block_bytes,
         dtype=args.dtype,
-        device=str(next(model.parameters()).device),
-        vocab_size=model.config.vocab_size,
-        max_model_len=max_model_len(model.config),
+        device=str(runner.device),
+        vocab_size=config.vocab_size,
+        max_model_len=max_model_len(config),
         tensor_parallel_size=1,
         swap_enabled=swapper is not None,
-        hidden_size=model.config.hidden_size,
+        hidden_size=config.hidden_size,
     )
     log.info(
         "loaded %s stage %d/%d (layers %d-%d): %d blocks x %d tokens on %s",

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from services.common.model_source import load_model, resolve_model
 from services.worker.batch import GREEDY, Sampling, SeqChunk
-from services.worker.model_runner import ModelRunner, group_by_length
+from services.worker.model_runner import ModelRunner
 from services.worker.sampler import sample
 from tests.oracle import assert_greedy_matches, hf_greedy, hf_next_logits
 from tests.tiny_model import tiny_llama_dir
@@ -41,7 +41,6 @@ class _Trace:
     num_mixed_steps: int = 0  # steps running a prefill chunk and a decode together
     num_chunked: int = 0  # chunks that did not sample (non-final prompt chunks)
     num_reused: int = 0  # blocks handed out again after a finished job freed them
-    num_split_decode_steps: int = 0  # steps whose decodes fell into several length groups
 
 
 def drive(
@@ -89,7 +88,6 @@ def drive(
         is_prefill = [c.end_pos <= len(j.prompt) for c, j in zip(chunks, active, strict=True)]
         trace.num_mixed_steps += any(is_prefill) and not all(is_prefill)
         trace.num_chunked += sum(not c.sample for c in chunks)
-        trace.num_split_decode_steps += len(runner.prepare(chunks).decodes) > 1
         for job, chunk, token in zip(active, chunks, runner.step(chunks), strict=True):
             assert (token is None) == (not chunk.sample)
             job.num_cached = chunk.end_pos
@@ -143,16 +141,18 @@ def llama_refs(llama, llama_prompts):
     return [hf_greedy(llama, p, NUM_NEW) for p in llama_prompts]
 
 
+@pytest.mark.parametrize("backend", ["cpu-kernel", "reference"])
 @pytest.mark.parametrize(
     ("block_size", "chunk_size"), [(16, None), (16, 8), (5, None), (3, 7)], ids=str
 )
-def test_concurrent_jobs_match_hf(llama, llama_prompts, llama_refs, block_size, chunk_size):
-    runner = ModelRunner(llama, num_blocks=64, block_size=block_size)
+def test_concurrent_jobs_match_hf(
+    llama, llama_prompts, llama_refs, block_size, chunk_size, backend
+):
+    runner = ModelRunner(llama, num_blocks=64, block_size=block_size, attention_backend=backend)
+    assert runner.attention.name == backend
     trace = drive(runner, llama_prompts, chunk_size=chunk_size, join_steps=JOIN_STEPS)
     assert trace.num_mixed_steps > 0
     assert trace.num_reused > 0
-    if block_size < 16:  # contexts of 1 to 17 blocks: decodes attend in several groups
-        assert trace.num_split_decode_steps > 0
     if chunk_size is not None:
         assert trace.num_chunked > 0
     for prompt, ours, ref in zip(llama_prompts, trace.outputs, llama_refs, strict=True):
@@ -261,15 +261,6 @@ def test_pipeline_stages_match_one_runner(llama, llama_prompts):
     torch.testing.assert_close(logits, expected)
     with pytest.raises(RuntimeError):
         first.step(chunk)
-
-
-def test_decodes_group_by_length_within_twice_the_shortest():
-    assert group_by_length([]) == []
-    assert group_by_length([3, 1, 2, 9, 4, 17, 5]) == [[1, 2], [0, 4, 6], [3, 5]]
-    for sizes in ([1] * 5, [7, 3, 30, 14, 6, 60, 2]):
-        groups = group_by_length(sizes)
-        assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
-        assert all(max(sizes[i] for i in g) <= 2 * min(sizes[i] for i in g) for g in groups)
 
 
 def test_rejects_short_or_foreign_block_tables(llama):

@@ -1,0 +1,76 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embedding, gated MLP.
+
+Each computes what its Hugging Face counterpart computes, in the same order of operations where
+that order changes float results (RMSNorm in float32, rotary as `x * cos + rotate_half(x) *
+sin`), so greedy output stays token-identical to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+class RotaryTable:
+    """cos and sin of every position up to the model's length, [max_len, head_dim] each, made
+    once by transformers' own rotary module (so llama3, linear and yarn scaling match HF) and
+    looked up per step by position."""
+
+    def __init__(self, config: PretrainedConfig, *, dtype: torch.dtype, device: torch.device):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        max_len = int(getattr(config, "max_position_embeddings", 2048))
+        rotary = LlamaRotaryEmbedding(config).to(device)
+        positions = torch.arange(max_len, device=device)[None]
+        probe = torch.empty(0, dtype=dtype, device=device)
+        cos, sin = rotary(probe, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] for the step's rows (broadcast over heads)."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by position (HF's apply_rotary_pos_emb, for q or k)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up as one matmul."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(
+            hidden_size, 2 * intermediate_size, bias=False, dtype=dtype, device=device
+        )
+        self.down_proj = nn.Linear(
+            intermediate_size, hidden_size, bias=False, dtype=dtype, device=device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
