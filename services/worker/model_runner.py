@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from services.worker import native
 from services.worker.attention import AttentionMetadata, PagedAttention
 from services.worker.batch import Sampling, SeqChunk
 from services.worker.kv_cache import KVCache
-from services.worker.models.llama import LlamaForServing, head_dim, num_kv_heads
+from services.worker.models.llama import LayerOps, LlamaForServing, head_dim, num_kv_heads
 from services.worker.models.loader import from_hf
+from services.worker.models.ops import NativeOps, TorchOps
 from services.worker.sampler import sample
 
 if TYPE_CHECKING:
@@ -85,6 +87,9 @@ class ModelRunner:
             device=self.device,
         )
         self.attention = PagedAttention(attention_backend, self.device)
+        # The native layer ops go with the native attention kernel: `reference` is torch alone.
+        library = native.library() if self.attention.name == "cpu-kernel" else None
+        self.ops: LayerOps = NativeOps(library) if library is not None else TorchOps()
 
     @property
     def hidden_size(self) -> int:
@@ -205,7 +210,7 @@ class ModelRunner:
         self.attention.plan(inputs.attention)
         slots = (inputs.attention.slot_blocks, inputs.attention.slot_offsets)
         return self.model.forward_layers(
-            hidden, inputs.positions, slots, self.kv_cache, self.attention
+            hidden, inputs.positions, slots, self.kv_cache, self.attention, self.ops
         )
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from services.worker import native
 from services.worker.attention import PagedAttention, cpu_kernel
 from services.worker.attention.metadata import AttentionMetadata
 from services.worker.attention.reference import reference_attention
@@ -103,7 +104,7 @@ def test_without_a_compiler_auto_falls_back_and_explicit_refuses(monkeypatch, tm
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / c++ either
     with pytest.raises(RuntimeError, match="compiler"):
-        cpu_kernel._build()
+        native.build()
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)
     assert PagedAttention("auto", torch.device("cpu")).name == "reference"
     with pytest.raises(ValueError, match="could not be built"):

@@ -72,6 +72,7 @@ def test_every_rows_logits_match_hf_on_mixed_steps(family, backend):
     rng.shuffle(free)
     blocks = {job: [free.pop() for _ in range(11)] for job in PROMPT_LENS}
     runner = ModelRunner(model, num_blocks=48, block_size=block_size, attention_backend=backend)
+    assert runner.ops.name == ("native" if backend == "cpu-kernel" else "torch")
     done = dict.fromkeys(PROMPT_LENS, 0)
     num_decodes = num_chunks_mid_prompt = 0
     for step in SCHEDULE:

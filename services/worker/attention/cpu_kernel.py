@@ -1,42 +1,21 @@
-"""The CPU paged-attention kernel (paged_attention.cpp): built once per machine, called by ctypes.
+"""The CPU paged-attention kernel (services/worker/native/paged_attention.cpp), called by ctypes.
 
 Why a compiled kernel rather than torch ops: any torch expression of "job s's keys" is an index
 into the pool, i.e. a copy of the whole context per layer, and one SDPA call per job or a padded
 batch. The kernel reads each block where it lies, for the whole step in one call. Compared with
 torch's FlexAttention on CPU and with gather + SDPA in docs/engine-cpu.md.
-
-The shared object is compiled with the machine's own instruction set (`-march=native`) into
-FASTSERVE_KERNEL_CACHE (default ~/.cache/fastserve/kernels), named by a hash of the source, the
-compiler and the CPU's flags, so a rebuilt image or another CPU gets its own build. Compiling
-takes about 2 s; processes starting together each compile to a private file and rename it into
-place. Where no compiler is found or the cache cannot be written, `load()` returns None and the
-caller falls back to the reference path (with a warning).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from services.worker import native
 from services.worker.attention.metadata import AttentionMetadata
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
-KERNEL_CACHE = Path(
-    os.environ.get("FASTSERVE_KERNEL_CACHE", Path.home() / ".cache" / "fastserve" / "kernels")
-)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = native.DTYPE_CODES
 
 
 class _Params(ctypes.Structure):
@@ -143,54 +122,7 @@ def _check_dense_tail(tensor: torch.Tensor, num_dims: int, name: str) -> None:
         raise ValueError(f"{name}: dtype {tensor.dtype} not supported")
 
 
-_loaded: CpuPagedAttention | None = None
-_failed = False
-
-
 def load() -> CpuPagedAttention | None:
-    """The kernel, built on first use; None (after one warning) where it cannot be built."""
-    global _loaded, _failed
-    if _loaded is None and not _failed:
-        try:
-            _loaded = CpuPagedAttention(ctypes.CDLL(str(_build())))
-        except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
-            _failed = True
-            log.warning("CPU paged-attention kernel unavailable (%s): reference path", exc)
-    return _loaded
-
-
-def _build() -> Path:
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags()):
-        key.update(part)
-    target = KERNEL_CACHE / f"paged_attention-{key.hexdigest()[:16]}.so"
-    if target.is_file():
-        return target
-    KERNEL_CACHE.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(prefix=".paged_attention-", suffix=".so", dir=KERNEL_CACHE)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, check=True
-        )
-        os.replace(scratch, target)
-    finally:
-        Path(scratch).unlink(missing_ok=True)
-    log.info("built the CPU paged-attention kernel: %s", target)
-    return target
-
-
-def _cpu_flags() -> bytes:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.encode()
-    except OSError:
-        pass
-    return platform.processor().encode()
+    """The kernel, or None where the native library cannot be built here."""
+    library = native.library()
+    return CpuPagedAttention(library) if library is not None else None

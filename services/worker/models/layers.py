@@ -1,4 +1,5 @@
 """Building blocks shared by the model families: RMSNorm, rotary embedding, gated MLP.
+The element-wise ops that run them live in ops.py (torch or native).
 
 Each computes what its Hugging Face counterpart computes, in the same order of operations where
 that order changes float results (RMSNorm in float32, rotary as `x * cos + rotate_half(x) *
@@ -57,7 +58,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up as one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up as one matmul (run by the model, whose
+    layer ops fuse the SiLU and the product)."""
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype, device: torch.device
@@ -70,7 +72,3 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(
             intermediate_size, hidden_size, bias=False, dtype=dtype, device=device
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)

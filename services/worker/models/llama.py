@@ -23,7 +23,10 @@ from torch import nn
 
 from services.worker.attention import PagedAttention
 from services.worker.kv_cache import KVCache
-from services.worker.models.layers import GatedMLP, RMSNorm, RotaryTable, apply_rotary
+from services.worker.models.layers import GatedMLP, RMSNorm, RotaryTable
+from services.worker.models.ops import NativeOps, TorchOps
+
+LayerOps = NativeOps | TorchOps
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -78,21 +81,17 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryTable,
         kv: tuple[torch.Tensor, torch.Tensor],
         slots: tuple[torch.Tensor, torch.Tensor],
         attention: PagedAttention,
+        ops: LayerOps,
     ) -> torch.Tensor:
         num_rows = x.shape[0]
         qkv = self.qkv_proj(x).view(num_rows, -1, self.head_dim)
-        # q and k rotate together: one set of ops for both.
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
-        query, key = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        value = qkv[:, self.num_heads + self.num_kv_heads :]
+        query = ops.rope_store(qkv, self.num_heads, self.num_kv_heads, positions, rotary, kv, slots)
         key_cache, value_cache = kv
-        key_cache[slots] = key
-        value_cache[slots] = value
         out = attention(query, key_cache, value_cache, scale=self.scale, window=self.window)
         return self.o_proj(out.view(num_rows, -1))
 
@@ -185,15 +184,20 @@ class LlamaForServing(nn.Module):
         slots: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache,
         attention: PagedAttention,
+        ops: LayerOps,
     ) -> torch.Tensor:
-        """This stage's layers over hidden [T, hidden], writing each row's K/V at `slots`
-        (block ids, offsets) of the pool; `attention` is planned for the step already."""
-        cos, sin = self.rotary.lookup(positions)
+        """This stage's layers over hidden [T, hidden] (updated in place: it is the residual
+        stream), writing each row's K/V at `slots` (block ids, offsets) of the pool;
+        `attention` is planned for the step already. Each residual add is fused into the norm
+        that follows it."""
+        delta = None
         for local_index, layer in enumerate(self.layers):
             kv = (kv_cache.keys(local_index), kv_cache.values(local_index))
-            attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + layer.self_attn(attn_in, cos, sin, kv, slots, attention)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            normed = ops.add_rms_norm(hidden, delta, layer.input_layernorm)
+            delta = layer.self_attn(normed, positions, self.rotary, kv, slots, attention, ops)
+            normed = ops.add_rms_norm(hidden, delta, layer.post_attention_layernorm)
+            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(normed)))
+        hidden += delta
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
