@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -79,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
     add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16")
+    add_flag(
+        parser,
+        "--worker-threads",
+        type=int,
+        default=0,
+        help="compute threads per worker (0: this machine's CPUs shared out among the stages, "
+        "each stage pinned to its own; see docs/engine-cpu.md)",
+    )
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(
         parser,
@@ -115,6 +124,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--startup-timeout", type=float, default=900.0, help="seconds to get ready")
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def cpu_plan(cpus: list[int], num_stages: int, threads: int = 0) -> list[tuple[int, list[int]]]:
+    """(threads, CPU ids) of each stage's worker on one machine.
+
+    Each stage gets its own CPUs, so pipeline stages do not take each other's cores, and as many
+    OpenMP threads as it has CPUs (more would only contend). With fewer CPUs than stages, stages
+    share them round-robin, one thread each. `threads` > 0 caps every stage's count.
+    """
+    if num_stages > len(cpus):
+        return [(1, [cpus[i % len(cpus)]]) for i in range(num_stages)]
+    base, extra = divmod(len(cpus), num_stages)
+    plan, start = [], 0
+    for index in range(num_stages):
+        count = base + (index < extra)
+        share = cpus[start : start + count]
+        plan.append((min(threads, count) if threads > 0 else count, share))
+        start += count
+    return plan
 
 
 class PortReservations:
@@ -192,6 +224,11 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--layer-split", args.layer_split,
             ]  # fmt: skip
         stage_flags[0] += ["--rendezvous-fd", str(store.fileno())]
+    if args.device == "cpu":
+        for flags, (threads, cpus) in zip(
+            stage_flags, cpu_plan(available_cpus(), args.stages, args.worker_threads), strict=True
+        ):
+            flags += ["--threads", str(threads), "--cpus", ",".join(map(str, cpus))]
     workers = [
         Child(
             "worker" if args.stages == 1 else f"worker{index}",

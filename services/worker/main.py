@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import torch
 
@@ -58,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(
         parser, "--kvstore-address", default="", help="kvstore for swapping (empty: no swapping)"
     )
-    add_flag(parser, "--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_flag(
+        parser, "--threads", type=int, default=0, help="compute threads (0: one per usable CPU)"
+    )
+    add_flag(parser, "--cpus", default="", help="CPU ids to run on, e.g. 0,1 (empty: all allowed)")
     add_flag(parser, "--stage-index", type=int, default=0, help="this worker's pipeline stage")
     add_flag(parser, "--num-stages", type=int, default=1, help="pipeline stages in all")
     add_flag(
@@ -97,13 +101,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 matmuls natively here (AVX512_BF16 or AMX on x86)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def configure_threads(threads: int, cpus: str) -> None:
+    """Pins this process to `cpus` and sizes torch's (and the native kernels') OpenMP pool:
+    one thread per usable CPU unless told otherwise. More threads than CPUs only contend."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"worker: --cpus {cpus!r}: {exc}") from exc
+    usable = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads if threads > 0 else usable)
+    log.info("compute threads: %d on CPUs %s", torch.get_num_threads(), cpus or "all")
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging("worker", args.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads, args.cpus)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("worker: --device cuda requested but CUDA is not available")
     dtype = DTYPES[args.dtype]
+    if args.device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bfloat16 (AVX512_BF16 / AMX): bfloat16 is emulated")
     source = resolve_model(args.model)
     config = load_config(source)
     try:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.common.grpc_server import bind, build_server
-from services.launcher import PortReservations, plan
+from services.launcher import PortReservations, available_cpus, cpu_plan, plan
 from services.launcher import add_arguments as add_launcher_arguments
 
 
@@ -102,3 +102,27 @@ def test_plan_wires_one_worker_per_stage_to_the_scheduler():
     assert [w.argv[w.argv.index("--stage-index") + 1] for w in workers] == ["0", "1", "2"]
     assert workers[0].pass_fds and "--rendezvous-fd" in workers[0].argv
     assert all(w.restartable for w in workers) and not children["scheduler"].restartable
+
+
+def test_cpu_plan_gives_each_stage_its_own_cpus_and_a_thread_each():
+    assert cpu_plan([0, 1], 1) == [(2, [0, 1])]
+    assert cpu_plan([0, 1], 2) == [(1, [0]), (1, [1])]
+    assert cpu_plan([0, 1, 2, 3, 4], 2) == [(3, [0, 1, 2]), (2, [3, 4])]
+    assert cpu_plan([0, 1, 2, 3], 2, threads=1) == [(1, [0, 1]), (1, [2, 3])]
+    assert cpu_plan([4, 6], 3) == [(1, [4]), (1, [6]), (1, [4])]  # more stages than CPUs
+
+
+def test_workers_are_told_their_threads_and_cpus():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", "--stages", "2"])
+        children = {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+    expected = cpu_plan(available_cpus(), 2)
+    for index, (threads, cpus) in enumerate(expected):
+        argv = children[f"worker{index}"].argv
+        assert argv[argv.index("--threads") + 1] == str(threads)
+        assert argv[argv.index("--cpus") + 1] == ",".join(map(str, cpus))
