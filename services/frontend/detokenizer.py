@@ -5,6 +5,10 @@ change: a character split over several byte-level tokens is held back until comp
 replacement character U+FFFD marks an incomplete one). Same scheme as vLLM and TGI.
 StopStringMatcher holds back only a tail that could still become a stop string, so a client never
 sees part of a stop string.
+
+These two holds are the only reasons a generated token's text is not shown as soon as the token
+arrives (the generation core gives every other token a delta of its own; see
+`GenerationCore.generate`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        # True while the ids added last end in an incomplete character (their text held back).
+        self.holding = False
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -30,8 +36,10 @@ class IncrementalDetokenizer:
         self._ids.extend(token_ids)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""
+        # The bytes of a character split over several tokens: hold them until it completes.
+        self.holding = new_text.endswith("\ufffd")
+        if self.holding or len(new_text) <= len(prefix_text):
+            return ""  # held back, or nothing new (a special token, skipped)
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
@@ -41,6 +49,7 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
+        self.holding = False
         return new_text[len(prefix_text) :]
 
 

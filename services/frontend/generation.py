@@ -2,9 +2,11 @@
 
 A surface turns its wire request into token ids and a `SamplingRequest`; `prepare` applies the
 context and prompt limits, and `generate` submits the job to the scheduler and yields `Delta`s:
-text and token ids as they are detokenized (stop strings held back and cut), job state changes,
-and a last delta with the finish reason and usage. Closing the generator early (a client that
-went away) cancels the job, so its KV blocks are freed at the scheduler's next iteration.
+one per generated token (its id, logprob and text; a token whose text is held back, an incomplete
+character or a possible stop-string prefix, goes out with the next token's delta instead), job
+state changes, and a last delta with the last token, the finish reason and usage. Closing the
+generator early (a client that went away) cancels the job, so its KV blocks are freed at the
+scheduler's next iteration.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class Delta:
-    """One step of a generation as a surface sees it."""
+    """One step of a generation as a surface sees it: a state change, or one generated token
+    (with any earlier tokens whose text was held back until this one), or the last step."""
 
     job_id: str
     text: str = ""
@@ -158,12 +161,14 @@ class GenerationCore:
         stops = StopStringMatcher(sampling.stop)
         num_generated = 0
         finish_reason = "error"
+        # The delta being built: the current token, plus any earlier ones whose text was held.
+        delta = Delta(job_id)
         try:
             while True:
+                # One batch per scheduler iteration (the link never merges iterations).
                 batch = await events.get()
                 if isinstance(batch, LinkLost):
                     raise UnavailableError(f"{batch}; retry the request")
-                delta = Delta(job_id)
                 for event in batch:
                     if event.kind == spb.EVENT_KIND_REJECTED:
                         name, _, problem = event.error.partition(": ")
@@ -174,17 +179,32 @@ class GenerationCore:
                         continue
                     if event.token_ids and num_generated == 0:
                         timer.first_token()
-                    num_generated += len(event.token_ids)
-                    delta.token_ids.extend(event.token_ids)
-                    delta.logprobs.extend(
-                        TokenLogprob(token, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
-                        for token, lp in zip(event.token_ids, event.logprobs, strict=False)
-                    )
                     finished = event.kind == spb.EVENT_KIND_FINISHED
-                    text = detokenizer.add(event.token_ids)
-                    if finished:
-                        text += detokenizer.flush()
-                    delta.text += stops.feed(text, final=finished)
+                    last = len(event.token_ids) - 1
+                    # One delta per token, even if an event carries several, so that clients
+                    # see each token's time (one SSE chunk, one GenerateResponse per token).
+                    for i, token in enumerate(event.token_ids):
+                        num_generated += 1
+                        delta.token_ids.append(token)
+                        if i < len(event.logprobs):
+                            lp = event.logprobs[i]
+                            top = [(t.token_id, t.logprob) for t in lp.top]
+                            delta.logprobs.append(TokenLogprob(token, lp.logprob, top))
+                        text = detokenizer.add((token,))
+                        delta.text += stops.feed(text)
+                        if stops.stopped or (finished and i == last):
+                            break  # this token goes out with the finish reason, below
+                        if not delta.text and (detokenizer.holding or text):
+                            # The only merge: the token's text is held back (the bytes of an
+                            # incomplete character, or a tail that may begin a stop string),
+                            # so it gets no delta of its own; its id, logprob and text go out
+                            # with the next token's delta. A token with no text at all (a
+                            # skipped special token) still gets its own, empty, delta.
+                            continue
+                        yield delta
+                        delta = Delta(job_id)
+                    if finished and not stops.stopped:
+                        delta.text += stops.feed(detokenizer.flush(), final=True)
                     if stops.stopped:
                         self.link.cancel(job_id)
                         delta.finish_reason = "stop"
@@ -192,15 +212,11 @@ class GenerationCore:
                         self.link.forget(job_id)
                         delta.finish_reason = FINISH_REASONS.get(event.finish_reason, "aborted")
                     if delta.finish_reason:
-                        break
-                if delta.finish_reason:
-                    finish_reason = delta.finish_reason
-                    delta.num_prompt_tokens = len(request.prompt_ids)
-                    delta.num_completion_tokens = num_generated
-                    yield delta
-                    return
-                if delta.text or delta.token_ids:
-                    yield delta
+                        finish_reason = delta.finish_reason
+                        delta.num_prompt_tokens = len(request.prompt_ids)
+                        delta.num_completion_tokens = num_generated
+                        yield delta
+                        return
         except (GeneratorExit, asyncio.CancelledError):
             finish_reason = "cancelled"
             raise

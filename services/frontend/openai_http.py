@@ -254,7 +254,9 @@ class OpenAIServer:
             last = None
             delta = first
             while delta is not None:
-                if delta.text or delta.finish_reason or delta.logprobs:
+                # One chunk per token delta (the core merges only tokens whose text it held
+                # back), even one with no text (a skipped special token); state deltas have none.
+                if delta.state is None:
                     chunk = fmt.chunk(
                         delta.text, delta.finish_reason, parsed.include_usage, delta.logprobs
                     )

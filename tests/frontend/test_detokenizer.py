@@ -30,9 +30,21 @@ def test_multibyte_character_is_held_until_complete(tiny_tokenizer):
     ids = tiny_tokenizer("🎉", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1  # the emoji spans several byte-level tokens
     detok = IncrementalDetokenizer(tiny_tokenizer, [])
-    pieces = [detok.add([token]) for token in ids]
+    pieces, holding = [], []
+    for token in ids:
+        pieces.append(detok.add([token]))
+        holding.append(detok.holding)
     assert pieces[:-1] == [""] * (len(ids) - 1)
     assert pieces[-1] == "🎉"
+    assert holding == [True] * (len(ids) - 1) + [False]
+
+
+def test_a_special_token_adds_no_text_and_holds_nothing(tiny_tokenizer):
+    detok = IncrementalDetokenizer(tiny_tokenizer, [])
+    assert detok.add(tiny_tokenizer("Hi", add_special_tokens=False)["input_ids"]) == "Hi"
+    assert detok.add([tiny_tokenizer.eos_token_id]) == ""
+    assert not detok.holding
+    assert detok.add(tiny_tokenizer(" there", add_special_tokens=False)["input_ids"]) == " there"
 
 
 def test_tokens_added_in_groups_give_the_same_text(tiny_tokenizer):
