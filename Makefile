@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GEN_STAMP := gen/.stamp
 ARGS ?=
 
-.PHONY: install proto run test test-fast lint format bench docker helm-lint clean
+.PHONY: install proto run test test-fast lint format bench bench-peers docker helm-lint clean
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -56,6 +56,11 @@ format: install
 # The policy benchmark (all policies side by side, tables and plots under docs/benchmarks).
 bench: install
 	$(PY) bench/policies.py $(ARGS)
+
+# FastServe against vLLM's CPU build (installed on first use under .cache/peers), or against any
+# OpenAI-compatible server with ARGS="--peer-url URL"; report and plots under docs/benchmarks.
+bench-peers: install
+	$(PY) bench/peers.py $(ARGS)
 
 docker:
 	docker build -f deploy/docker/Dockerfile -t fastserve:latest .
