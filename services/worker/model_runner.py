@@ -90,6 +90,8 @@ class ModelRunner:
         # The native layer ops go with the native attention kernel: `reference` is torch alone.
         library = native.library() if self.attention.name == "cpu-kernel" else None
         self.ops: LayerOps = NativeOps(library) if library is not None else TorchOps()
+        # The native path also packs the matmuls' weights for oneDNN (layers.Linear).
+        self.packed = library is not None and model.pack_weights(batch_hint=16)
 
     @property
     def hidden_size(self) -> int:

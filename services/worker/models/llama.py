@@ -23,7 +23,7 @@ from torch import nn
 
 from services.worker.attention import PagedAttention
 from services.worker.kv_cache import KVCache
-from services.worker.models.layers import GatedMLP, RMSNorm, RotaryTable
+from services.worker.models.layers import GatedMLP, Linear, RMSNorm, RotaryTable, can_pack
 from services.worker.models.ops import NativeOps, TorchOps
 
 LayerOps = NativeOps | TorchOps
@@ -63,14 +63,14 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.window = window
         bias = config.model_type == "qwen2"
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size,
             (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
             bias=bias,
             dtype=dtype,
             device=device,
         )
-        self.o_proj = nn.Linear(
+        self.o_proj = Linear(
             self.num_heads * self.head_dim,
             config.hidden_size,
             bias=False,
@@ -155,7 +155,7 @@ class LlamaForServing(nn.Module):
             else None
         )
         self.lm_head = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+            Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
             if self.is_last_stage
             else None
         )
@@ -166,11 +166,27 @@ class LlamaForServing(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].mlp.down_proj.weight.dtype
+        return self.norms_dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].mlp.down_proj.weight.device
+        return self.layers[0].input_layernorm.weight.device
+
+    @property
+    def norms_dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    def pack_weights(self, batch_hint: int = 16) -> bool:
+        """On CPU, moves every layer matmul's weight into oneDNN's packed layout (see
+        layers.Linear), the LM head's too (a tied one packs a copy: the embedding keeps the
+        plain weight for its lookups). Returns whether it packed (not on GPUs, nor for
+        dtypes oneDNN emulates)."""
+        if not can_pack(self.dtype, self.device):
+            return False
+        for module in [*self.layers.modules(), self.lm_head]:
+            if isinstance(module, Linear) and module.packed is None:
+                module.pack(batch_hint)
+        return True
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is None:
