@@ -87,11 +87,12 @@ class ModelRunner:
             device=self.device,
         )
         self.attention = PagedAttention(attention_backend, self.device)
-        # The native layer ops go with the native attention kernel: `reference` is torch alone.
+        # `reference` is plain torch throughout (the tests' yardstick). Otherwise the native
+        # layer ops go with the native attention kernel, and on CPU the matmuls' weights are
+        # packed for oneDNN (layers.Linear) even where no compiler built the kernels.
         library = native.library() if self.attention.name == "cpu-kernel" else None
         self.ops: LayerOps = NativeOps(library) if library is not None else TorchOps()
-        # The native path also packs the matmuls' weights for oneDNN (layers.Linear).
-        self.packed = library is not None and model.pack_weights(batch_hint=16)
+        self.packed = attention_backend != "reference" and model.pack_weights(batch_hint=16)
 
     @property
     def hidden_size(self) -> int:

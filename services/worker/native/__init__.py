@@ -8,9 +8,10 @@ element-wise work spread over some fifteen ops, each paying torch's dispatch, an
 expression of "job s's keys" is a copy of its whole context per layer. Why ctypes rather than a
 torch extension: no torch headers, so the build takes seconds, not a minute.
 
-The library is compiled for the machine's own instruction set (`-march=native`) into
-FASTSERVE_KERNEL_CACHE (default ~/.cache/fastserve/kernels), named by a hash of the sources, the
-compiler and the CPU's flags, so another CPU or a changed source gets its own build. Processes
+The library is compiled for the machine's own instruction set (`-march=native`, or
+FASTSERVE_KERNEL_MARCH) into FASTSERVE_KERNEL_CACHE (default ~/.cache/fastserve/kernels), named by
+a hash of the sources, the compiler and the CPU's flags, so another CPU or a changed source gets
+its own build. Processes
 starting together each compile to a private file and rename it into place. Where no compiler is
 found or nothing can be written, `library()` returns None (after one warning) and callers use
 their torch path. OpenMP here is the libgomp torch itself loads (same soname), so the kernels
@@ -35,7 +36,10 @@ log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
 SOURCES = ("paged_attention.cpp", "layer_ops.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
+# The instruction set to build for: this machine's own by default; an image built on one machine
+# and run on others sets a portable one (the Dockerfile: x86-64-v3) and builds at image time.
+MARCH = os.environ.get("FASTSERVE_KERNEL_MARCH", "native")
+FLAGS = ("-O3", f"-march={MARCH}", "-fopenmp", "-fPIC", "-std=c++17")
 # layer_ops rounds where torch rounds: no multiply-add contraction there.
 EXTRA_FLAGS = {"layer_ops.cpp": ("-ffp-contract=off",)}
 KERNEL_CACHE = Path(
@@ -77,7 +81,8 @@ def build() -> Path:
         key.update((FOLDER / name).read_bytes())
     for part in (version, repr(FLAGS), repr(EXTRA_FLAGS)):
         key.update(part.encode())
-    key.update(_cpu_flags())
+    if MARCH == "native":  # the build fits this CPU only
+        key.update(_cpu_flags())
     target = KERNEL_CACHE / f"fastserve-native-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target

@@ -1,0 +1,634 @@
+"""FlexAttention (torch.compile, inductor's C++ CPU template) as a paged-attention backend, reading
+the worker's KV pool in place, against "gather + SDPA" (what services/worker/model_runner.py does).
+
+Standalone: builds its own pool with the worker's layout [num_blocks, num_layers, 2, block_size,
+kv_heads, head_dim] (SmolLM2-135M shapes: 30 layers, 9 heads, 3 kv heads, head_dim 64, block 16),
+fills it with random data, and times one layer's attention for decode batches, a mixed batch
+(decodes + chunked prefills) and one 512-token prefill, in float32 and bfloat16.
+
+How the pool is read in place
+-----------------------------
+FlexAttention wants K and V as [B_kv, H_kv, S_kv, D] with one stride per dim. A layer's keys,
+pool[:, layer, 0], are [num_blocks, block_size, kv_heads, head_dim] with block stride
+num_layers*2*block_size*kv_heads*head_dim, so (block, offset) cannot be merged into one position
+dim. The whole pool, though, IS one run of positions: pool.view(-1, kv_heads, head_dim). In it the
+keys of (block p, layer l) start at position (p*2L + 2l)*bs and the values at (p*2L + 2l + 1)*bs.
+So per layer we pass
+    K_l = flat[2l*bs : 2l*bs + KV_LEN]      V_l = flat[(2l+1)*bs : (2l+1)*bs + KV_LEN]
+as [1, H_kv, KV_LEN, D] views (batch 1, broadcast over the query batch), and physical block p is
+flex "kv page" p*2L in both, for every layer. The other layers' pages are never listed in the
+block mask, so never read. The block mask (kv_indices = p*2L per visible block, per query tile)
+and the mask_mod (logical position of a physical kv index through a [num_seqs, num_blocks]
+block->logical-page table) are the same for all layers of a step: build once per step.
+
+Constraints hit (see /tmp/flex_report.md):
+* the block mask's shape must equal (q_len, KV_LEN) and the CPU lowering asserts
+  kv_indices.size(-1) * KV_BLOCK >= KV_LEN: kv_indices must be [.., num_blocks*2L] wide. We pass an
+  overlapping as_strided view (the real columns are only max_blocks wide; the kernel reads only
+  kv_num_blocks entries per row).
+* with static shapes and q_len 1, inductor picks its flash-decoding template, which sizes its
+  partitions from KV_LEN (the whole pool) when sequences have different block counts: unusable.
+  PARTITION_SIZE not a multiple of the kv block (kernel_options) keeps the ordinary template.
+
+    .venv/bin/python bench/attention_flex_cpu.py [--quick] [--dtypes float32,bfloat16]
+    .venv/bin/python bench/attention_flex_cpu.py --cache-probe   # cross-process compile cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 9, 3, 64, 16
+LAYER = 7
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Batch:
+    name: str
+    query: torch.Tensor  # [T, H, D]
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    query_start: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    q_lens: list[int]
+    seq_lens_list: list[int]
+
+
+def make_pool(num_blocks: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+
+
+def make_batch(
+    name: str,
+    seqs: list[tuple[int, int]],  # (seq_len, q_len) per seq
+    num_blocks: int,
+    dtype: torch.dtype,
+    seed: int = 1,
+) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g)  # scattered physical blocks
+    need = [math.ceil(s / BLOCK_SIZE) for s, _ in seqs]
+    assert sum(need) <= num_blocks, "pool too small"
+    max_blocks = max(need)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)  # padded with block 0
+    used = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+    q_lens = [q for _, q in seqs]
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), NUM_HEADS, HEAD_DIM, generator=g).to(dtype)
+    seq_lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32)
+    return Batch(name, query, tables, query_start, seq_lens, q_lens, [s for s, _ in seqs])
+
+
+def jittered(ctx: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    spread = max(1, ctx // 5)
+    return [ctx + int(x) for x in torch.randint(-spread, spread + 1, (n,), generator=g)]
+
+
+# --------------------------------------------------------------------------- reference, baseline
+
+
+def reference(key_cache, value_cache, b: Batch, scale, window) -> torch.Tensor:
+    """float64, per seq, per query row: the definition."""
+    out = torch.empty(b.query.shape, dtype=torch.float64)
+    groups = NUM_HEADS // NUM_KV_HEADS
+    for s, (seq_len, q_len) in enumerate(zip(b.seq_lens_list, b.q_lens, strict=True)):
+        nb = math.ceil(seq_len / BLOCK_SIZE)
+        tbl = b.block_tables[s, :nb].long()
+        k = key_cache[tbl].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:seq_len].double()
+        v = value_cache[tbl].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:seq_len].double()
+        k = k.repeat_interleave(groups, 1).transpose(0, 1)  # [H, S, D]
+        v = v.repeat_interleave(groups, 1).transpose(0, 1)
+        r0 = int(b.query_start[s])
+        q = b.query[r0 : r0 + q_len].double().transpose(0, 1)  # [H, q, D]
+        qpos = torch.arange(seq_len - q_len, seq_len)[:, None]
+        kpos = torch.arange(seq_len)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        scores = (q @ k.transpose(1, 2)) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[r0 : r0 + q_len] = (scores.softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+def _causal(key_pos, query_pos, window):
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask
+
+
+def gather_sdpa(query, key_cache, value_cache, block_tables, query_start, seq_lens, scale, window):
+    """The baseline, as model_runner does it: decodes batched (gathered, padded, masked),
+    prefill chunks one at a time (gathered, causal / masked)."""
+    q_lens = (query_start[1:] - query_start[:-1]).tolist()
+    lens = seq_lens.tolist()
+    out = torch.empty_like(query)
+    dec = [i for i, q in enumerate(q_lens) if q == 1]
+    if dec:
+        nb = max(math.ceil(lens[i] / BLOCK_SIZE) for i in dec)
+        tbl = block_tables[dec, :nb].long()
+        shape = (len(dec), nb * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        keys = key_cache[tbl].reshape(shape).transpose(1, 2)
+        values = value_cache[tbl].reshape(shape).transpose(1, 2)
+        rows = query_start[dec].long()
+        pos = seq_lens[dec].long() - 1
+        mask = _causal(torch.arange(nb * BLOCK_SIZE)[None, :], pos[:, None], window)
+        o = F.scaled_dot_product_attention(
+            query[rows].unsqueeze(2),
+            keys,
+            values,
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = o.squeeze(2)
+    for i, q_len in enumerate(q_lens):
+        if q_len == 1:
+            continue
+        end, start = lens[i], lens[i] - q_len
+        nb = math.ceil(end / BLOCK_SIZE)
+        tbl = block_tables[i : i + 1, :nb].long()
+        shape = (1, nb * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        keys = key_cache[tbl].reshape(shape).transpose(1, 2)[:, :, :end]
+        values = value_cache[tbl].reshape(shape).transpose(1, 2)[:, :, :end]
+        mask = None
+        if start > 0 or (window is not None and window < end):
+            mask = _causal(torch.arange(end)[None, :], torch.arange(start, end)[:, None], window)
+        r0 = int(query_start[i])
+        o = F.scaled_dot_product_attention(
+            query[r0 : r0 + q_len].transpose(0, 1).unsqueeze(0),
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[r0 : r0 + q_len] = o[0].transpose(0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- flex, in place
+
+
+def pool_views(pool: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """K_l, V_l as [1, H_kv, KV_LEN, D] views of the whole pool (no copy); page stride 2L."""
+    num_blocks, num_layers = pool.shape[0], pool.shape[1]
+    flat = pool.view(-1, NUM_KV_HEADS, HEAD_DIM)
+    kv_len = (num_blocks - 1) * 2 * num_layers * BLOCK_SIZE + BLOCK_SIZE
+    k0 = 2 * layer * BLOCK_SIZE
+    v0 = k0 + BLOCK_SIZE
+    k = flat[k0 : k0 + kv_len].permute(1, 0, 2).unsqueeze(0)
+    v = flat[v0 : v0 + kv_len].permute(1, 0, 2).unsqueeze(0)
+    assert (
+        k.data_ptr() == pool[0, layer, 0].data_ptr()
+        and v.data_ptr() == pool[0, layer, 1].data_ptr()
+    )
+    return k, v, kv_len
+
+
+@dataclass
+class StepMask:
+    """Everything flex needs for a step, built once and shared by all layers."""
+
+    kv_num: torch.Tensor  # [S, 1, nQB] int32, partial (masked) tiles
+    kv_idx: torch.Tensor  # [S, 1, nQB, NPAGES] int32 (overlapping view)
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    q_start: torch.Tensor  # [S] int64: position of each seq's first query row
+    blk_logical: torch.Tensor  # [S, num_blocks] int32: logical page of a physical block
+    q_block: int
+    q_pad: int  # padded query rows per seq
+    seq_ids: list[int]  # which seqs of the batch (rows of the step) this covers
+
+
+def _wide(x: torch.Tensor, npages: int) -> torch.Tensor:
+    """[S, 1, nQB, J] -> an overlapping [S, 1, nQB, npages] view of the same data (+ padding)."""
+    S, _, nqb, J = x.shape
+    store = torch.zeros(S * nqb * J + npages, dtype=torch.int32)
+    store[: S * nqb * J] = x.reshape(-1)
+    return store.as_strided((S, 1, nqb, npages), (nqb * J, nqb * J, J, 1))
+
+
+def build_step_mask(
+    b_tables, seq_lens, q_lens, seq_ids, q_block, window, num_blocks, num_layers
+) -> StepMask:
+    page_stride = 2 * num_layers
+    npages = (num_blocks - 1) * page_stride + 1
+    ids = torch.tensor(seq_ids)
+    tbl = b_tables[ids].long()  # [S, J]
+    slen = seq_lens[ids].long()
+    qlen = torch.tensor([q_lens[i] for i in seq_ids])
+    S, J = tbl.shape
+    q_pad = ((int(qlen.max()) + q_block - 1) // q_block) * q_block
+    nqb = q_pad // q_block
+    q_start = slen - qlen
+    k = torch.arange(nqb)
+    qlo = q_start[:, None] + k[None, :] * q_block  # [S, nQB]
+    qhi = torch.minimum(qlo + q_block, slen[:, None]) - 1
+    valid = (k[None, :] * q_block) < qlen[:, None]
+    j = torch.arange(J)[None, None, :]
+    vis = valid[..., None] & (j <= (qhi // BLOCK_SIZE)[..., None])
+    full = vis & ((j + 1) * BLOCK_SIZE - 1 <= qlo[..., None])
+    if window is not None:
+        vis &= (j + 1) * BLOCK_SIZE - 1 > (qlo - window)[..., None]
+        full &= j * BLOCK_SIZE > (qhi - window)[..., None]
+    part = vis & ~full
+    phys = (tbl * page_stride).to(torch.int32)[:, None, :].expand(S, nqb, J)
+
+    def compact(sel):
+        order = torch.sort(sel.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        idx = torch.gather(phys, -1, order)
+        return sel.sum(-1).to(torch.int32)[:, None], _wide(idx[:, None], npages)
+
+    kv_num, kv_idx = compact(part)
+    full_num, full_idx = compact(full)
+    nblk = (slen + BLOCK_SIZE - 1) // BLOCK_SIZE
+    blk_logical = torch.zeros(S, num_blocks, dtype=torch.int32)
+    live = torch.arange(J)[None, :] < nblk[:, None]
+    rows = torch.arange(S)[:, None].expand(S, J)[live]
+    blk_logical[rows, tbl[live]] = torch.arange(J)[None, :].expand(S, J)[live].to(torch.int32)
+    return StepMask(
+        kv_num, kv_idx, full_num, full_idx, q_start, blk_logical, q_block, q_pad, seq_ids
+    )
+
+
+def make_flex_fn(
+    num_layers: int, window: int | None, dynamic, partition_size: int | None, q_block: int
+):
+    page_span = 2 * num_layers * BLOCK_SIZE
+    kernel_options = {} if partition_size is None else {"PARTITION_SIZE": partition_size}
+
+    def attend(q, k, v, kv_num, kv_idx, full_num, full_idx, q_start, blk_logical, scale):
+        def mask_mod(b, h, q_idx, kv_i):
+            kv_pos = blk_logical[b, kv_i // page_span] * BLOCK_SIZE + kv_i % BLOCK_SIZE
+            q_pos = q_start[b] + q_idx
+            m = kv_pos <= q_pos
+            if window is not None:
+                m = m & (kv_pos > q_pos - window)
+            return m
+
+        bm = BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=(q_block, BLOCK_SIZE),
+            mask_mod=mask_mod,
+            seq_lengths=(q.shape[2], k.shape[2]),
+            compute_q_blocks=False,
+        )
+        return flex_attention(
+            q, k, v, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=kernel_options
+        )
+
+    return torch.compile(attend, dynamic=dynamic, fullgraph=True)
+
+
+class FlexPaged:
+    """paged_attention() on flex: decodes in one call (q tile 1, the [T, H, D] query viewed as
+    [S, H, 1, D], no copy); prefill chunks in another (q tile `prefill_q_block`, rows padded)."""
+
+    def __init__(
+        self, pool, *, window=None, dynamic=None, prefill_q_block=32, partition_size=24, split=True
+    ):
+        self.pool = pool
+        self.window = window
+        self.num_blocks, self.num_layers = pool.shape[0], pool.shape[1]
+        self.fns = {
+            qb: make_flex_fn(self.num_layers, window, dynamic, partition_size, qb)
+            for qb in {1, prefill_q_block}
+        }
+        self.prefill_q_block = prefill_q_block
+        self.split = split
+
+    def prepare(self, block_tables, query_start, seq_lens) -> list[StepMask]:
+        q_lens = (query_start[1:] - query_start[:-1]).tolist()
+        dec = [i for i, q in enumerate(q_lens) if q == 1]
+        pre = [i for i, q in enumerate(q_lens) if q != 1]
+        args = (block_tables, seq_lens, q_lens)
+        geo = (self.window, self.num_blocks, self.num_layers)
+        if not self.split:
+            qb = 1 if not pre else self.prefill_q_block
+            return [build_step_mask(*args, list(range(len(q_lens))), qb, *geo)]
+        masks = []
+        if dec:
+            masks.append(build_step_mask(*args, dec, 1, *geo))
+        if pre:
+            masks.append(build_step_mask(*args, pre, self.prefill_q_block, *geo))
+        return masks
+
+    def forward(self, query, layer, query_start, masks: list[StepMask], scale):
+        k, v, _ = pool_views(self.pool, layer)
+        out = torch.empty_like(query)
+        qs = query_start.tolist()
+        for m in masks:
+            S = len(m.seq_ids)
+            if m.q_pad == 1:  # decodes: the query rows as [S, H, 1, D], no padding
+                if len(qs) - 1 == S:
+                    q = query.unsqueeze(2)  # all rows are decodes: a view
+                else:
+                    rows = query_start[m.seq_ids].long()
+                    q = query[rows].unsqueeze(2)
+                o = self.fns[1](
+                    q,
+                    k,
+                    v,
+                    m.kv_num,
+                    m.kv_idx,
+                    m.full_num,
+                    m.full_idx,
+                    m.q_start,
+                    m.blk_logical,
+                    scale,
+                )
+                if len(qs) - 1 == S:
+                    return o.squeeze(2)
+                out[rows] = o.squeeze(2)
+                continue
+            q = query.new_zeros(S, m.q_pad, NUM_HEADS, HEAD_DIM)
+            for r, s in enumerate(m.seq_ids):
+                q[r, : qs[s + 1] - qs[s]] = query[qs[s] : qs[s + 1]]
+            o = self.fns[m.q_block](
+                q.transpose(1, 2),
+                k,
+                v,
+                m.kv_num,
+                m.kv_idx,
+                m.full_num,
+                m.full_idx,
+                m.q_start,
+                m.blk_logical,
+                scale,
+            )
+            o = o.transpose(1, 2)  # [S, q_pad, H, D]
+            for r, s in enumerate(m.seq_ids):
+                out[qs[s] : qs[s + 1]] = o[r, : qs[s + 1] - qs[s]]
+        return out
+
+    def __call__(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start,
+        seq_lens,
+        scale,
+        window,
+        layer=LAYER,
+    ):
+        assert window == self.window
+        masks = self.prepare(block_tables, query_start, seq_lens)
+        return self.forward(query, layer, query_start, masks, scale)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved_times(fns: dict, min_reps=25, budget_s=3.0) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per fn, the fns run in turn so that load from other processes on
+    the machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    t_end = time.perf_counter() + budget_s
+    reps = 0
+    while reps < min_reps or (time.perf_counter() < t_end and reps < 500):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        reps += 1
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def _timed_calls(flex, call, b, masks, scale) -> dict:
+    return {
+        "base": lambda: gather_sdpa(*call),
+        "flex": lambda: flex(*call),  # incl. the per-step block mask build
+        "flex_layer": lambda: flex.forward(b.query, LAYER, b.query_start, masks, scale),
+        "mask": lambda: flex.prepare(b.block_tables, b.query_start, b.seq_lens),
+    }
+
+
+def compile_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def scenarios(num_blocks, dtype, quick):
+    out = []
+    sizes = [1, 4, 16]
+    ctxs = [50, 200, 1000]
+    for n in sizes:
+        for ctx in ctxs:
+            if quick and (n, ctx) not in [(1, 200), (16, 200), (16, 1000)]:
+                continue
+            lens = jittered(ctx, n, seed=n * 1000 + ctx)
+            out.append(
+                make_batch(f"decode B={n} ctx~{ctx}", [(s, 1) for s in lens], num_blocks, dtype)
+            )
+    dec = jittered(400, 12, seed=7)
+    mixed = [(s, 1) for s in dec] + [(64, 64), (328, 200)]
+    out.append(make_batch("mixed 12 dec + 64 + 200@128", mixed, num_blocks, dtype))
+    out.append(make_batch("prefill 512", [(512, 512)], num_blocks, dtype))
+    return out
+
+
+def run_bench(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    rows = []
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        pool = make_pool(args.num_blocks, dtype)
+        key_cache, value_cache = pool[:, LAYER, 0], pool[:, LAYER, 1]
+        torch._dynamo.reset()
+        flex = FlexPaged(
+            pool,
+            dynamic=args.dynamic,
+            prefill_q_block=args.q_block,
+            partition_size=args.partition_size,
+            split=not args.no_split,
+        )
+        for b in scenarios(args.num_blocks, dtype, args.quick):
+            call = (
+                b.query,
+                key_cache,
+                value_cache,
+                b.block_tables,
+                b.query_start,
+                b.seq_lens,
+                scale,
+                None,
+            )
+            ref = reference(key_cache, value_cache, b, scale, None)
+            base_out = gather_sdpa(*call)
+            graphs0 = compile_count()
+            t0 = time.perf_counter()
+            flex_out = flex(*call)
+            first = time.perf_counter() - t0
+            new_graphs = compile_count() - graphs0
+            masks = flex.prepare(b.block_tables, b.query_start, b.seq_lens)
+            t = interleaved_times(_timed_calls(flex, call, b, masks, scale), budget_s=args.budget)
+            row = dict(
+                dtype=dtype_name,
+                case=b.name,
+                T=b.query.shape[0],
+                first_call_s=first,
+                new_graphs=new_graphs,
+                **{f"{k}_ms": v[0] * 1e3 for k, v in t.items()},
+                **{f"{k}_min_ms": v[1] * 1e3 for k, v in t.items()},
+                err_flex=(flex_out.double() - ref).abs().max().item(),
+                err_base=(base_out.double() - ref).abs().max().item(),
+            )
+            rows.append(row)
+            print(
+                f"{dtype_name:8s} {b.name:28s} T={row['T']:4d} first={first:7.2f}s "
+                f"graphs+{new_graphs} "
+                f"base={row['base_ms']:7.3f}ms flex={row['flex_ms']:7.3f}ms "
+                f"(layer {row['flex_layer_ms']:7.3f} + mask {row['mask_ms']:6.3f}) "
+                f"min base={row['base_min_ms']:.3f} flex={row['flex_min_ms']:.3f} "
+                f"layer={row['flex_layer_min_ms']:.3f} mask={row['mask_min_ms']:.3f} "
+                f"err flex={row['err_flex']:.2e} base={row['err_base']:.2e}",
+                flush=True,
+            )
+    return rows
+
+
+def check_window(args):
+    """Correctness of the sliding-window path (SmolLM2 has none; the interface does)."""
+    torch.set_num_threads(args.threads)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    pool = make_pool(args.num_blocks, torch.float32)
+    kc, vc = pool[:, LAYER, 0], pool[:, LAYER, 1]
+    flex = FlexPaged(
+        pool,
+        window=100,
+        dynamic=args.dynamic,
+        prefill_q_block=args.q_block,
+        partition_size=args.partition_size,
+    )
+    seqs = [(s, 1) for s in jittered(300, 5, 3)] + [(64, 64), (328, 200)]
+    b = make_batch("window", seqs, args.num_blocks, torch.float32)
+    call = (b.query, kc, vc, b.block_tables, b.query_start, b.seq_lens, scale, 100)
+    ref = reference(kc, vc, b, scale, 100)
+    print(
+        f"window=100: max err flex {(flex(*call).double() - ref).abs().max().item():.2e} "
+        f"base {(gather_sdpa(*call).double() - ref).abs().max().item():.2e}"
+    )
+
+
+def cache_probe_child() -> None:
+    """One process: first call of a decode and a mixed step; prints seconds."""
+    torch.set_num_threads(2)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    pool = make_pool(512, torch.float32)
+    flex = FlexPaged(pool)
+    kc, vc = pool[:, LAYER, 0], pool[:, LAYER, 1]
+    for b in [
+        make_batch("d", [(s, 1) for s in jittered(200, 4, 1)], 512, torch.float32),
+        make_batch("m", [(100, 1), (300, 1), (64, 64), (328, 200)], 512, torch.float32),
+    ]:
+        t0 = time.perf_counter()
+        flex(b.query, kc, vc, b.block_tables, b.query_start, b.seq_lens, scale, None)
+        print(f"first call {b.name}: {time.perf_counter() - t0:.2f}s", flush=True)
+
+
+def cache_probe() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        # No compiler: an empty PATH (inductor looks g++ up on PATH). Setting CXX=/bin/false
+        # instead changes inductor's config, which is part of the FX-graph-cache key: a miss.
+        no_cxx = {"PATH": cache + "/empty-bin"}
+        for label, extra in [
+            ("cold cache", {}),
+            ("warm cache", {}),
+            ("warm cache, no g++ on PATH", no_cxx),
+            ("cold cache, no g++ on PATH", {**no_cxx, "TORCHINDUCTOR_CACHE_DIR": cache + "/other"}),
+        ]:
+            t0 = time.perf_counter()
+            p = subprocess.run(
+                [sys.executable, __file__, "--cache-probe-child"],
+                env={**env, **extra},
+                capture_output=True,
+                text=True,
+            )
+            wall = time.perf_counter() - t0
+            tail = (
+                p.stdout.strip().replace("\n", "; ")
+                if p.returncode == 0
+                else "FAILED: " + p.stderr.strip().splitlines()[-1][:200]
+            )
+            print(f"{label:30s} process wall {wall:6.2f}s  {tail}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--num-blocks", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--q-block", type=int, default=32, help="q tile for prefill chunks")
+    ap.add_argument(
+        "--partition-size",
+        type=int,
+        default=24,
+        help="flex-decoding partition; not a multiple of 16 = ordinary template; 0 = default",
+    )
+    ap.add_argument("--dynamic", choices=["none", "true", "false"], default="none")
+    ap.add_argument("--no-split", action="store_true", help="decodes and prefills in one call")
+    ap.add_argument("--window", action="store_true", help="also check a sliding window")
+    ap.add_argument("--cache-probe", action="store_true")
+    ap.add_argument("--cache-probe-child", action="store_true")
+    args = ap.parse_args()
+    args.dynamic = {"none": None, "true": True, "false": False}[args.dynamic]
+    args.partition_size = args.partition_size or None
+    if args.cache_probe_child:
+        return cache_probe_child()
+    if args.cache_probe:
+        return cache_probe()
+    print(
+        f"torch {torch.__version__}, threads {args.threads}, pool {args.num_blocks} blocks x "
+        f"{NUM_LAYERS} layers, dynamic={args.dynamic}, partition={args.partition_size}, "
+        f"prefill q tile {args.q_block}, split={not args.no_split}"
+    )
+    rows = run_bench(args)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.window:
+        check_window(args)
+
+
+if __name__ == "__main__":
+    main()
