@@ -144,8 +144,10 @@ def from_hf(hf_model: PreTrainedModel, layers: range | None = None) -> LlamaForS
 
 def random_weights(model: LlamaForServing, seed: int = 0) -> None:
     """Dummy weights as transformers initialises a new model: normal(0, initializer_range) for
-    matrices and embeddings, ones for norms, zeros for biases."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    matrices and embeddings, ones for norms, zeros for biases; drawn on the weights' own device
+    (a GPU fills an 8B model in a second), so they depend on the device type as well as the
+    seed."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -154,8 +156,7 @@ def random_weights(model: LlamaForServing, seed: int = 0) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                values = torch.empty(param.shape, dtype=torch.float32)
-                param.copy_(values.normal_(0.0, std, generator=generator))
+                param.normal_(0.0, std, generator=generator)
 
 
 def build_model(
