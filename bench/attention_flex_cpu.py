@@ -1,5 +1,6 @@
 """FlexAttention (torch.compile, inductor's C++ CPU template) as a paged-attention backend, reading
-the worker's KV pool in place, against "gather + SDPA" (what services/worker/model_runner.py does).
+the worker's KV pool in place, against "gather + SDPA" (the reference path, what the worker did
+before it had a kernel) and against the worker's native kernel (services/worker/native).
 
 Standalone: builds its own pool with the worker's layout [num_blocks, num_layers, 2, block_size,
 kv_heads, head_dim] (SmolLM2-135M shapes: 30 layers, 9 heads, 3 kv heads, head_dim 64, block 16),
@@ -49,6 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 9, 3, 64, 16
 LAYER = 7
@@ -424,8 +427,28 @@ def interleaved_times(fns: dict, min_reps=25, budget_s=3.0) -> dict[str, tuple[f
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
+def native_fn(b: Batch, key_cache, value_cache, scale):
+    """The worker's own CPU kernel (services/worker/native/paged_attention.cpp) on the batch."""
+    from services.worker.attention import cpu_kernel
+    from services.worker.attention.metadata import AttentionMetadata
+
+    kernel = cpu_kernel.load()
+    meta = AttentionMetadata(
+        query_start=b.query_start,
+        seq_lens=b.seq_lens,
+        block_tables=b.block_tables,
+        slot_blocks=b.seq_lens,  # unused by attention
+        slot_offsets=b.seq_lens,
+        query_lens_host=tuple(b.q_lens),
+        seq_lens_host=tuple(b.seq_lens_list),
+    )
+    plan = kernel.plan(meta)
+    return lambda: kernel(plan, b.query, key_cache, value_cache, scale=scale, window=None)
+
+
 def _timed_calls(flex, call, b, masks, scale) -> dict:
     return {
+        "native": native_fn(b, call[1], call[2], scale),
         "base": lambda: gather_sdpa(*call),
         "flex": lambda: flex(*call),  # incl. the per-step block mask build
         "flex_layer": lambda: flex.forward(b.query, LAYER, b.query_start, masks, scale),
@@ -494,7 +517,9 @@ def run_bench(args) -> list[dict]:
             new_graphs = compile_count() - graphs0
             masks = flex.prepare(b.block_tables, b.query_start, b.seq_lens)
             t = interleaved_times(_timed_calls(flex, call, b, masks, scale), budget_s=args.budget)
+            native_out = native_fn(b, key_cache, value_cache, scale)()
             row = dict(
+                err_native=(native_out.double() - ref).abs().max().item(),
                 dtype=dtype_name,
                 case=b.name,
                 T=b.query.shape[0],
@@ -509,6 +534,7 @@ def run_bench(args) -> list[dict]:
             print(
                 f"{dtype_name:8s} {b.name:28s} T={row['T']:4d} first={first:7.2f}s "
                 f"graphs+{new_graphs} "
+                f"native={row['native_ms']:7.3f}ms (err {row['err_native']:.1e}) "
                 f"base={row['base_ms']:7.3f}ms flex={row['flex_ms']:7.3f}ms "
                 f"(layer {row['flex_layer_ms']:7.3f} + mask {row['mask_ms']:6.3f}) "
                 f"min base={row['base_min_ms']:.3f} flex={row['flex_min_ms']:.3f} "
