@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.common.model_source import DEFAULT_MODEL, load_model, resolve_model  # noqa: E402
-from services.worker.batch import SeqChunk  # noqa: E402
-from services.worker.model_runner import ModelRunner  # noqa: E402
+from services.common.model_source import DEFAULT_MODEL, load_model, resolve_model
+from services.worker.batch import SeqChunk
+from services.worker.model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK_SIZE = 16
@@ -46,8 +46,11 @@ def decode_batch(runner: ModelRunner, batch: int, context: int) -> list[SeqChunk
 def prefill(job: str, num_tokens: int, first_block: int, start_pos: int = 0) -> SeqChunk:
     blocks = -(-(start_pos + num_tokens) // BLOCK_SIZE)
     return SeqChunk(
-        job, [200 + t % 1000 for t in range(num_tokens)], start_pos,
-        list(range(first_block, first_block + blocks)), True,
+        job,
+        [200 + t % 1000 for t in range(num_tokens)],
+        start_pos,
+        list(range(first_block, first_block + blocks)),
+        True,
     )
 
 
@@ -90,7 +93,7 @@ def main() -> None:
         lines.append(f"| decode x{batch} | {ms:.2f} |")
     ms = median_ms(runner, [prefill("p", 128, 900)], max(3, args.repeats // 3))
     lines.append(f"| prefill 128 tokens | {ms:.2f} |")
-    mixed = [prefill("p", 64, 900, start_pos=64)] + decode_batch(runner, 15, args.context)
+    mixed = [prefill("p", 64, 900, start_pos=64), *decode_batch(runner, 15, args.context)]
     ms = median_ms(runner, mixed, max(3, args.repeats // 3))
     lines.append(f"| 64-token chunk at position 64 + 15 decodes | {ms:.2f} |")
     for batch in (int(b) for b in args.profile_batch.split(",")):
