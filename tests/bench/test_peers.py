@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from bench import peer_servers, peers
-from bench.peers import GreedyAnswer, GreedyMismatch, SloThroughput
+from bench import peer_check, peer_report, peer_servers, peers
+from bench.peer_check import GreedyAnswer, GreedyMismatch
+from bench.peer_report import SloThroughput
 
 EMBED = peer_servers.EMBED_KEY
 
@@ -21,25 +22,25 @@ EMBED = peer_servers.EMBED_KEY
 
 def test_slo_crossing_interpolates_between_the_rates_around_it():
     points = [(2.0, 0.030), (1.0, 0.010), (3.0, 0.050)]  # unsorted on purpose
-    assert peers.slo_crossing(points, 0.020) == SloThroughput(1.5, 1.5)
-    assert peers.slo_crossing(points, 0.045).low == pytest.approx(2.75)
+    assert peer_report.slo_crossing(points, 0.020) == SloThroughput(1.5, 1.5)
+    assert peer_report.slo_crossing(points, 0.045).low == pytest.approx(2.75)
     # Exactly at the SLO still meets it.
-    assert peers.slo_crossing(points, 0.030) == SloThroughput(2.0, 2.0)
+    assert peer_report.slo_crossing(points, 0.030) == SloThroughput(2.0, 2.0)
 
 
 def test_slo_crossing_uses_the_first_crossing_and_skips_failed_points():
     points = [(1.0, 0.010), (2.0, 0.030), (3.0, 0.015), (4.0, math.nan)]
-    assert peers.slo_crossing(points, 0.020) == SloThroughput(1.5, 1.5)
+    assert peer_report.slo_crossing(points, 0.020) == SloThroughput(1.5, 1.5)
 
 
 def test_slo_never_crossed_or_crossed_below_the_lowest_rate():
-    never = peers.slo_crossing([(1.0, 0.010), (2.0, 0.012)], 0.050)
+    never = peer_report.slo_crossing([(1.0, 0.010), (2.0, 0.012)], 0.050)
     assert never == SloThroughput(2.0, math.inf)
     assert never.render() == "not reached, > 2"
-    below = peers.slo_crossing([(1.0, 0.060), (2.0, 0.080)], 0.050)
+    below = peer_report.slo_crossing([(1.0, 0.060), (2.0, 0.080)], 0.050)
     assert below == SloThroughput(0.0, 1.0)
     assert below.render() == "< 1"
-    assert peers.slo_crossing([], 0.05).render() == "not reached, > 0"
+    assert peer_report.slo_crossing([], 0.05).render() == "not reached, > 0"
     assert SloThroughput(1.234, 1.234).render() == "1.23"
 
 
@@ -47,15 +48,15 @@ def test_slo_ratio_gives_bounds_where_a_server_did_not_cross():
     exact = SloThroughput(3.0, 3.0)
     never = SloThroughput(4.0, math.inf)
     below = SloThroughput(0.0, 1.0)
-    assert peers.slo_ratio(SloThroughput(6.0, 6.0), exact) == "2.00x"
-    assert peers.slo_ratio(exact, never) == "<= 0.75x"  # the "at most 0.75x"
-    assert peers.slo_ratio(never, exact) == ">= 1.33x"
-    assert peers.slo_ratio(below, exact) == "<= 0.33x"
-    assert peers.slo_ratio(exact, below) == ">= 3.00x"
-    assert peers.slo_ratio(never, below) == ">= 4.00x"
-    assert peers.slo_ratio(below, never) == "<= 0.25x"
-    assert peers.slo_ratio(never, never) == "- (neither crossed it)"
-    assert peers.slo_ratio(below, below) == "- (both past it at the lowest rate)"
+    assert peer_report.slo_ratio(SloThroughput(6.0, 6.0), exact) == "2.00x"
+    assert peer_report.slo_ratio(exact, never) == "<= 0.75x"  # the "at most 0.75x"
+    assert peer_report.slo_ratio(never, exact) == ">= 1.33x"
+    assert peer_report.slo_ratio(below, exact) == "<= 0.33x"
+    assert peer_report.slo_ratio(exact, below) == ">= 3.00x"
+    assert peer_report.slo_ratio(never, below) == ">= 4.00x"
+    assert peer_report.slo_ratio(below, never) == "<= 0.25x"
+    assert peer_report.slo_ratio(never, never) == "- (neither crossed it)"
+    assert peer_report.slo_ratio(below, below) == "- (both past it at the lowest rate)"
 
 
 # -- the greedy check
@@ -67,33 +68,33 @@ def answer(tokens: list[str]) -> GreedyAnswer:
 
 def test_agreed_tokens_counts_whole_reference_tokens_of_the_common_prefix():
     reference = answer([" Paris", ".", "\n", "The", " answer"])
-    assert peers.agreed_tokens(reference, reference.text) == 5
-    assert peers.agreed_tokens(reference, " Paris.\nA") == 3
-    assert peers.agreed_tokens(reference, " Parisian") == 1
-    assert peers.agreed_tokens(reference, " Par") == 0
-    assert peers.agreed_tokens(reference, "") == 0
+    assert peer_check.agreed_tokens(reference, reference.text) == 5
+    assert peer_check.agreed_tokens(reference, " Paris.\nA") == 3
+    assert peer_check.agreed_tokens(reference, " Parisian") == 1
+    assert peer_check.agreed_tokens(reference, " Par") == 0
+    assert peer_check.agreed_tokens(reference, "") == 0
 
 
 def test_check_greedy_allows_late_mismatches_only():
     reference = [answer(["a", " b", " c", " d", " e", " f"])]
     late = [answer(["a", " b", " c", " d", " x", " y"])]
-    [comparison] = peers.check_greedy("peer", late, "fs", reference, ["p"], 6, min_agree=4)
+    [comparison] = peer_check.check_greedy("peer", late, "fs", reference, ["p"], 6, min_agree=4)
     assert comparison.agreed_tokens == 4 and not comparison.identical
     early = [answer(["a", " b", " x", " d", " e", " f"])]
     with pytest.raises(GreedyMismatch, match="disagree at greedy token 3"):
-        peers.check_greedy("peer", early, "fs", reference, ["p"], 6, min_agree=4)
+        peer_check.check_greedy("peer", early, "fs", reference, ["p"], 6, min_agree=4)
 
 
 def test_check_greedy_refuses_empty_text_and_a_wrong_length():
     reference = [answer(["a", " b", " c", " d"])]
     with pytest.raises(GreedyMismatch, match="empty or garbage"):
-        peers.check_greedy("peer", [GreedyAnswer("  ", (), 4)], "fs", reference, ["p"], 4, 2)
+        peer_check.check_greedy("peer", [GreedyAnswer("  ", (), 4)], "fs", reference, ["p"], 4, 2)
     garbage = [GreedyAnswer("\ufffd" * 4, (), 4)]
     with pytest.raises(GreedyMismatch, match="empty or garbage"):
-        peers.check_greedy("peer", garbage, "fs", reference, ["p"], 4, 2)
+        peer_check.check_greedy("peer", garbage, "fs", reference, ["p"], 4, 2)
     short = [GreedyAnswer("a b", ("a", " b"), 2)]
     with pytest.raises(GreedyMismatch, match="ignore_eos"):
-        peers.check_greedy("peer", short, "fs", reference, ["p"], 4, 2)
+        peer_check.check_greedy("peer", short, "fs", reference, ["p"], 4, 2)
 
 
 def test_variants_and_defaults():
@@ -217,10 +218,10 @@ def test_the_greedy_check_catches_a_peer_with_other_weights(tiny_model_dir, tiny
     try:
         model, _ = peer_servers.served_model(tiny_peer.url)
         prompts = peers.CHECK_PROMPTS[:2]
-        good = [peers.greedy_answer(tiny_peer.url, model, p, 16) for p in prompts]
-        bad = [peers.greedy_answer(wrong.url, model, p, 16) for p in prompts]
+        good = [peer_check.greedy_answer(tiny_peer.url, model, p, 16) for p in prompts]
+        bad = [peer_check.greedy_answer(wrong.url, model, p, 16) for p in prompts]
     finally:
         wrong.stop()
     assert wrong.process is None
     with pytest.raises(GreedyMismatch, match=r"disagree at greedy token|empty or garbage"):
-        peers.check_greedy("dummy", bad, "fastserve", good, prompts, 16, min_agree=4)
+        peer_check.check_greedy("dummy", bad, "fastserve", good, prompts, 16, min_agree=4)
