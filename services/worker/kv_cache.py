@@ -6,8 +6,9 @@ a block to host memory (FastServe's proactive swapping) is a single copy per blo
 one per layer. The attention code sees per-layer views [num_blocks, block_size, heads, head_dim]
 and addresses a token by (block id, offset in block).
 
-The pool knows nothing of jobs: which block belongs to whom is the block manager's business;
-this module only stores and fetches.
+The model writes and reads it through per-layer views (`keys`, `values`); attention reads the
+blocks in place. The pool knows nothing of jobs: which block belongs to whom is the block
+manager's business; this module only holds the blocks and copies them out and in for swapping.
 """
 
 from __future__ import annotations
@@ -74,30 +75,6 @@ class KVCache:
     def values(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s values as a view [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.data[:, layer, V_INDEX]
-
-    def store(
-        self,
-        layer: int,
-        block_idx: torch.Tensor,
-        offsets: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-    ) -> None:
-        """Writes key/value rows [T, num_kv_heads, head_dim] at (block_idx[t], offsets[t])."""
-        self.keys(layer)[block_idx, offsets] = key
-        self.values(layer)[block_idx, offsets] = value
-
-    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values for block tables [B, num_table_blocks], as [B, heads, S, head_dim].
-
-        S = num_table_blocks * block_size; position s of row b is at block_table[b, s // bs].
-        """
-        num_rows, num_table_blocks = block_table.shape
-        num_positions = num_table_blocks * self.block_size
-        shape = (num_rows, num_positions, self.num_kv_heads, self.head_dim)
-        key = self.keys(layer)[block_table].reshape(shape).transpose(1, 2)
-        value = self.values(layer)[block_table].reshape(shape).transpose(1, 2)
-        return key, value
 
     def read_blocks(
         self, block_ids: Sequence[int], device: torch.device | str = "cpu"

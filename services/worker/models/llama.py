@@ -165,16 +165,12 @@ class LlamaForServing(nn.Module):
         self.rotary = RotaryTable(config, dtype=dtype, device=device)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.norms_dtype
+    def dtype(self) -> torch.dtype:  # the norms keep theirs when the matmuls are packed
+        return self.layers[0].input_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
-
-    @property
-    def norms_dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
 
     def pack_weights(self, batch_hint: int = 16) -> bool:
         """On CPU, moves every layer matmul's weight into oneDNN's packed layout (see

@@ -53,39 +53,10 @@ class NativeOps:
     name = "native"
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._norm = library.fastserve_add_rms_norm
-        self._norm.restype = ctypes.c_int
-        self._norm.argtypes = [
-            *[ctypes.c_void_p] * 4,
-            *[ctypes.c_int64] * 5,
-            ctypes.c_float,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        self._rope = library.fastserve_rope_store
-        self._rope.restype = ctypes.c_int
-        self._rope.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            *[ctypes.c_int] * 3,
-            *[ctypes.c_void_p] * 5,
-            *[ctypes.c_int64] * 3,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        self._silu = library.fastserve_silu_mul
-        self._silu.restype = ctypes.c_int
-        self._silu.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
+        # Argument types as in layer_ops.cpp's extern "C" signatures (_bind's letters).
+        self._norm = _bind(library, "fastserve_add_rms_norm", "pppp lllll f ii")
+        self._rope = _bind(library, "fastserve_rope_store", "pll iii ppppp lll pp ii")
+        self._silu = _bind(library, "fastserve_silu_mul", "pp ll ii")
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm):
         _check_rows(x, "x")
@@ -169,6 +140,18 @@ class NativeOps:
             )
         )
         return out
+
+
+_CTYPES = {"p": ctypes.c_void_p, "l": ctypes.c_int64, "i": ctypes.c_int, "f": ctypes.c_float}
+
+
+def _bind(library: ctypes.CDLL, name: str, signature: str) -> ctypes._CFuncPtr:
+    """`library.name` returning int, its arguments typed by `signature`: p pointer, l int64,
+    i int, f float (spaces only group them for reading)."""
+    function = getattr(library, name)
+    function.restype = ctypes.c_int
+    function.argtypes = [_CTYPES[letter] for letter in signature.replace(" ", "")]
+    return function
 
 
 def _check_rows(tensor: torch.Tensor, name: str) -> None:
