@@ -46,6 +46,11 @@ run: install
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
+# The suite less what starts real FastServe stacks (e2e) and what takes more than a few seconds
+# (slow): the quick check while editing. `make test` runs everything.
+test-fast: install
+	$(PY) -m pytest -n 2 --dist loadfile -m "not e2e and not slow" $(ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,14 +60,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The policy benchmark (all policies side by side, tables and plots under docs/benchmarks).
+# The policy benchmark (all policies side by side, tables and plots under docs/results).
 bench: install
-	$(PY) bench/policies.py $(ARGS)
+	$(PY) -m bench.policies $(ARGS)
 
 # FastServe against vLLM's CPU build (installed on first use under .cache/peers), or against any
-# OpenAI-compatible server with ARGS="--peer-url URL"; report and plots under docs/benchmarks.
+# OpenAI-compatible server with ARGS="--peer-url URL"; report and plots under docs/results.
 bench-peers: install
-	$(PY) bench/peers.py $(ARGS)
+	$(PY) -m bench.peers $(ARGS)
 
 docker:
 	docker build -f deploy/docker/Dockerfile -t fastserve:latest .

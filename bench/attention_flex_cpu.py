@@ -31,8 +31,8 @@ Constraints hit (see /tmp/flex_report.md):
   partitions from KV_LEN (the whole pool) when sequences have different block counts: unusable.
   PARTITION_SIZE not a multiple of the kv block (kernel_options) keeps the ordinary template.
 
-    .venv/bin/python bench/attention_flex_cpu.py [--quick] [--dtypes float32,bfloat16]
-    .venv/bin/python bench/attention_flex_cpu.py --cache-probe   # cross-process compile cache
+    .venv/bin/python -m bench.attention_flex_cpu [--quick] [--dtypes float32,bfloat16]
+    .venv/bin/python -m bench.attention_flex_cpu --cache-probe   # cross-process compile cache
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.flex_paged import (
     BLOCK_SIZE,
@@ -388,7 +386,8 @@ def cache_probe() -> None:
         ]:
             t0 = time.perf_counter()
             p = subprocess.run(
-                [sys.executable, __file__, "--cache-probe-child"],
+                [sys.executable, "-m", "bench.attention_flex_cpu", "--cache-probe-child"],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 env={**env, **extra},
                 capture_output=True,
                 text=True,

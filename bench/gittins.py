@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from services.scheduler.core.baselines import FcfsPolicy
 from services.scheduler.core.job import Job
-from services.scheduler.core.policy import FcfsPolicy
 
 
 def gittins_indices(lengths: Iterable[int], weighted: bool = True) -> list[float]:

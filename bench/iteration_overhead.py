@@ -5,23 +5,19 @@ ignored), and reads the scheduler's Stats: mean iteration time (schedule + comma
 update + publish) and mean worker forward time, over the same iterations. Also reports decode
 throughput seen by clients. Usage:
 
-    .venv/bin/python bench/iteration_overhead.py [--models tiny,SmolLM2-135M-Instruct]
+    .venv/bin/python -m bench.iteration_overhead [--models tiny,SmolLM2-135M-Instruct]
         [--concurrency 1,8,16] [--max-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastserve_client import Client
-from tests.stack import Stack
-from tests.tiny_model import tiny_llama_dir
+from testing.stack import Stack
+from testing.tiny_model import tiny_llama_dir
 
 
 def measure(stack: Stack, concurrency: int, max_tokens: int) -> dict[str, float]:
@@ -39,12 +35,12 @@ def measure(stack: Stack, concurrency: int, max_tokens: int) -> dict[str, float]
         tokens = sum(pool.map(one, range(concurrency)))
     elapsed = time.perf_counter() - started
     after = stack.scheduler_stats()
-    iterations = after.num_iterations - before.num_iterations
+    iterations = after["iterations"] - before["iterations"]
     return {
         "iterations": iterations,
-        "iteration_ms": after.mean_iteration_ms,
-        "forward_ms": after.mean_forward_ms,
-        "outside_share": 1 - after.mean_forward_ms / after.mean_iteration_ms,
+        "iteration_ms": 1000 * after["mean_iteration_seconds"],
+        "forward_ms": 1000 * after["mean_forward_seconds"],
+        "outside_share": 1 - after["mean_forward_seconds"] / after["mean_iteration_seconds"],
         "tokens_per_s": tokens / elapsed,
     }
 

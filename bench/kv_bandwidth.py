@@ -17,7 +17,7 @@ calls are in flight at once (a worker's background copy threads; one client, one
 Ratios are to `memcpy`: numpy copying the same bytes into a warm buffer (the hardest baseline);
 `memcpy new` copies into freshly allocated memory, which pays the page faults new memory pays.
 
-    .venv/bin/python bench/kv_bandwidth.py [--total-mib 64] [--block-mib 4] [--repeats 5]
+    .venv/bin/python -m bench.kv_bandwidth [--total-mib 64] [--block-mib 4] [--repeats 5]
         [--threads 1,4]
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,13 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from services.kvstore.backend import BlockKey, TensorMeta
 from services.kvstore.client import KVStoreClient
 from services.kvstore.redis_backend import RedisBackend
-from tests.kvstore.kvstore_process import start_kvstore, stop_kvstore
-from tests.kvstore.redis_server import find_redis_server, redis_server
+from testing.kvstore_process import start_kvstore, stop_kvstore
+from testing.redis_server import find_redis_server, redis_server
 
 MIB = 1024 * 1024
 GB = 1e9

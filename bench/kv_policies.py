@@ -6,23 +6,20 @@ blocks. Reports mean and P95 per-token latency (job latency / output tokens, the
 and TTFT, and the scheduler's swap and recompute counters, then the ratios recompute / proactive
 and reactive / proactive. Usage:
 
-    .venv/bin/python bench/kv_policies.py --model SmolLM2-135M-Instruct --kv-blocks 48 \\
-        --rate 1.0 --num-requests 40 [--out docs/benchmarks]
+    .venv/bin/python -m bench.kv_policies --model SmolLM2-135M-Instruct --kv-blocks 48 \\
+        --rate 1.0 --num-requests 40 [--out docs/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench import loadgen, workload
 from bench.metrics import summarize
-from tests.stack import Stack
-from tests.tiny_model import tiny_llama_dir
+from testing.stack import Stack
+from testing.tiny_model import tiny_llama_dir
 
 KV_POLICIES = ("proactive", "reactive", "recompute")
 
@@ -63,8 +60,8 @@ def main() -> None:
         rows.append(
             f"| {kv_policy} | {1000 * m.mean_per_token_latency_s:.1f} | "
             f"{1000 * m.p95_per_token_latency_s:.1f} | {1000 * m.mean_ttft_s:.0f} | "
-            f"{m.throughput_tokens_per_s:.0f} | {stats.num_swapped_out_jobs} | "
-            f"{stats.num_recomputed_jobs} | {m.num_errors} | {elapsed:.0f} |"
+            f"{m.throughput_tokens_per_s:.0f} | {stats['swapped_out_jobs']:.0f} | "
+            f"{stats['recomputed_jobs']:.0f} | {m.num_errors} | {elapsed:.0f} |"
         )
         print(rows[-1], flush=True)
     lines = [

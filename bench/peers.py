@@ -12,8 +12,8 @@ report gives per-token latency (mean, P95), TTFT and throughput per rate, the th
 SLO (interpolated where latency crosses it), FastServe / peer ratios, and per-stream SSE chunk
 counts against token counts. See bench/README.md. Usage:
 
-    .venv/bin/python bench/peers.py [--num-requests 100] [--fastserve-variant fcfs:--policy fcfs]
-    .venv/bin/python bench/peers.py --peer-url http://127.0.0.1:8000 --peer-label my-server
+    .venv/bin/python -m bench.peers [--num-requests 100] [--fastserve-variant fcfs:--policy fcfs]
+    .venv/bin/python -m bench.peers --peer-url http://127.0.0.1:8000 --peer-label my-server
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tqdm import tqdm
 
@@ -119,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-agree", type=int, default=4, help="tokens that must match")
     parser.add_argument("--max-concurrency", type=int, default=loadgen.DEFAULT_MAX_CONCURRENCY)
     parser.add_argument("--name", help="report name (default peers-<model>-<dataset>-<peer>)")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--log-dir", type=Path, default=peer_servers.CACHE / "logs")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -173,7 +171,7 @@ class Bench:
         self.progress = progress
         self.run = Run()
         if args.model == "tiny":
-            from tests.tiny_model import tiny_llama_dir
+            from testing.tiny_model import tiny_llama_dir
 
             self.model: str | Path = tiny_llama_dir()
         else:
@@ -384,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         except (GreedyMismatch, ServerError) as error:
             progress.close()
             kind = "greedy check failed" if isinstance(error, GreedyMismatch) else "server failed"
-            print(f"bench/peers.py: {kind}: {error}", file=sys.stderr)
+            print(f"bench.peers: {kind}: {error}", file=sys.stderr)
             return 1
     elapsed_s = time.perf_counter() - started
     report = write_outputs(args, run, elapsed_s)

@@ -5,24 +5,21 @@ Every stack gets the same CPU threads in all (`--threads-total`, split evenly ov
 stages), so the comparison is of layouts, not of core counts. The workload is a burst of
 identical requests with fixed output lengths (EOS ignored), so the batch stays full. Usage:
 
-    .venv/bin/python bench/pipeline.py --model SmolLM2-135M-Instruct --stages 1 2 \\
-        [--num-requests 16 --output-tokens 64 --max-batch-size 8 --out docs/pipeline.md]
+    .venv/bin/python -m bench.pipeline --model SmolLM2-135M-Instruct --stages 1 2 \\
+        [--num-requests 16 --output-tokens 64 --max-batch-size 8 --out docs/results/pipeline.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench import loadgen
 from bench.workload import Request
-from tests.stack import Stack
-from tests.tiny_model import tiny_llama_dir
+from testing.stack import Stack
+from testing.tiny_model import tiny_llama_dir
 
 
 def measure(model, layout: str, args: argparse.Namespace) -> dict[str, float | list[float]]:
@@ -50,15 +47,17 @@ def measure(model, layout: str, args: argparse.Namespace) -> dict[str, float | l
     if failed:
         raise RuntimeError(f"{layout}: requests failed: {set(failed)}")
     idle = []
-    for b, a in zip(before.stages, after.stages, strict=True):
-        wall = a.wall_s - b.wall_s
-        idle.append(1 - (a.busy_s - b.busy_s) / wall if wall > 0 else 0.0)
-    iterations = after.num_iterations - before.num_iterations
+    walls = zip(before.per_stage("wall_seconds"), after.per_stage("wall_seconds"), strict=True)
+    busies = zip(before.per_stage("busy_seconds"), after.per_stage("busy_seconds"), strict=True)
+    for (wall_before, wall_after), (busy_before, busy_after) in zip(walls, busies, strict=True):
+        wall = wall_after - wall_before
+        idle.append(1 - (busy_after - busy_before) / wall if wall > 0 else 0.0)
+    iterations = after["iterations"] - before["iterations"]
     return {
         "tokens_per_s": sum(r.output_tokens for r in records) / elapsed,
         "iteration_ms": 1000 * elapsed / max(1, iterations),
-        "round_trip_ms": after.mean_iteration_ms,
-        "forward_ms": after.mean_forward_ms,
+        "round_trip_ms": 1000 * after["mean_iteration_seconds"],
+        "forward_ms": 1000 * after["mean_forward_seconds"],
         "idle": idle,
     }
 

@@ -5,12 +5,12 @@ Each iteration takes the time the cost model gives for the batch the core formed
 between iterations are admitted before the next `schedule()`, as the engine does. Runs in
 seconds where the real stack takes minutes, so a policy change can be tried on many seeds and
 rates before `bench/policies.py` checks it on the real processes. The cost model is linear, fitted
-to measurements (docs/iteration-overhead.md, the profiler's tables):
+to measurements (docs/results/iteration-overhead.md, the profiler's tables):
 
     iteration = base + per_decode * decodes + per_prefill_token * prefill tokens
                 + per_context_token * decodes * longest decode context (padded attention)
 
-Usage: .venv/bin/python bench/simulate.py [--model smollm2] [--dataset sharegpt --scale 0.1]
+Usage: .venv/bin/python -m bench.simulate [--model smollm2] [--dataset sharegpt --scale 0.1]
            [--rates 2,3,6] [--num-requests 200] [--seeds 0,1,2] [--num-blocks 40]
            [--kv-policy proactive] [--policies fcfs@recompute skip-join-mlfq gittins]
 
@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workload
 from bench.gittins import GittinsPolicy, gittins_indices
 from bench.variants import Variant, parse_variant
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
+from services.scheduler.core.config import KV_POLICIES
 from services.scheduler.core.decision import Decision, EventKind, SwapResult
-from services.scheduler.core.kv_planner import KV_POLICIES
-from services.scheduler.core.policy import Policy, make_policy
+from services.scheduler.core.policies import make_policy
+from services.scheduler.core.policy import Policy
 from services.scheduler.core.profile import PerformanceProfile
 
 
@@ -74,7 +71,7 @@ MODELS = {
     "tiny": (CostModel(0.0038, 0.00017, 0.00002, 0.0), 512),
     # The tiny model as the live stack ran it on 2026-12-02 (11.5 ms a token unloaded, 18-20 ms a
     # step under memory pressure): a rough fit, for the starvation sweep in
-    # docs/scheduling-smollm2.md.
+    # docs/results/scheduling-smollm2.md.
     "tiny-live": (CostModel(0.009, 0.00055, 0.00005, 0.0), 512),
     # SmolLM2-135M as the live stack ran it on 2026-12-02 with a 25-block pool (profile: a lone
     # decode 142 ms, 8 decodes 280 ms; prefill 146 / 294 / 529 ms for 1 / 16 / 64 tokens). On
@@ -119,7 +116,6 @@ def simulate(
         max_model_len=max_model_len,
         max_batch_size=max_batch_size,
         max_batched_tokens=max_batched_tokens,
-        policy=policy,
         kv_policy=kv_policy,
         swap_enabled=kv_policy != "recompute",
         reserve_blocks=num_blocks // 20 if kv_policy == "proactive" else 0,

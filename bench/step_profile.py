@@ -1,25 +1,22 @@
 """Times the worker's forward step in process and profiles it by op (no gRPC, no scheduler).
 
-    .venv/bin/python bench/step_profile.py [--model SmolLM2-135M-Instruct] [--dtype float32]
-        [--threads 2] [--context 64] [--profile-batch 1,16] [--out docs/benchmarks/step.md]
+    .venv/bin/python -m bench.step_profile [--model SmolLM2-135M-Instruct] [--dtype float32]
+        [--threads 2] [--context 64] [--profile-batch 1,16] [--out docs/results/step.md]
 
 Decode steps at batch sizes 1..16 (every job `--context` tokens in), a prefill of 128 tokens and
 a mixed step (one 64-token prompt chunk with 15 decodes), each the median of repeated runs; then
 torch.profiler's table of the ops of one decode step, by self CPU time. This is the profile
-docs/engine-cpu.md quotes; run it before and after a change to the forward.
+docs/results/engine-cpu.md quotes; run it before and after a change to the forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.model_source import DEFAULT_MODEL, load_model, resolve_model
 from services.worker.batch import SeqChunk

@@ -6,24 +6,20 @@ host: the shared-memory fast path; `--grpc` starts it without shm, so bytes stre
 timed from the command to the reported completion.
 Next to it, in the same run, a plain memcpy of the same bytes: one-thread torch copies between
 the pool and a host buffer allocated once (pool -> host, host -> pool), no page faults timed.
-Usage: .venv/bin/python bench/swap_bandwidth.py [--sizes-mib 1,4,16,64] [--grpc]
+Usage: .venv/bin/python -m bench.swap_bandwidth [--sizes-mib 1,4,16,64] [--grpc]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from services.worker.kv_cache import KVCache
 from services.worker.swapper import Swapper
-from tests.kvstore.kvstore_process import start_kvstore, stop_kvstore
+from testing.kvstore_process import start_kvstore, stop_kvstore
 
 ROUNDS = 5
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.scheduler.core.kv_planner import KV_POLICIES
+from services.scheduler.core.config import KV_POLICIES
 
 SHORT_NAMES = {"skip-join-mlfq": "sj-mlfq"}
 

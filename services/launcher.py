@@ -24,7 +24,7 @@ from services.common.flags import add_flag
 from services.common.health import is_serving
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
-from services.scheduler.core.kv_planner import KV_POLICIES
+from services.scheduler.core.config import KV_POLICIES
 from services.scheduler.policy_flags import add_policy_arguments, policy_argv
 from services.worker.stage_layout import parse_layer_split
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.tiny_model import tiny_llama_dir
+from testing.tiny_model import tiny_llama_dir
 
 
 @pytest.fixture(scope="session")

@@ -26,9 +26,9 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 # Channels between our services. Peers start side by side and a channel opened before its
-# server listens retries on gRPC's default backoff (1 s, growing 1.6x per try to 120 s): a
-# stack whose worker took 10 s to load waited up to 10 s more to notice it. Retry every 0.1 s,
-# at most 1 s apart: the peers are a handful of processes, not a fleet.
+# server listens retries on gRPC's default backoff (1 s, growing 1.6x per try to 120 s), so a
+# worker that takes 10 s to load would be noticed up to 10 s late. Retry every 0.1 s, at most
+# 1 s apart: the peers are a handful of processes, not a fleet.
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

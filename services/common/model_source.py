@@ -12,7 +12,7 @@ A GGUF is converted once into a Hugging Face folder (weights dequantized to floa
 tokenizer) under FASTSERVE_MODEL_CACHE (default ~/.cache/fastserve/models): transformers takes
 about 45 s of CPU to read SmolLM2's GGUF (it parses the vocabulary and rebuilds its tensor name
 map per tensor), the folder loads in about a second. Every process then loads the folder; where
-the cache cannot be written (a read-only file system), each reads the GGUF as before. A process
+the cache cannot be written (a read-only file system), each reads the GGUF itself. A process
 that needs no weights (the frontend) converts only the tokenizer and config, unless the whole
 folder is there already, so a frontend pod does not dequantize a model it never runs.
 

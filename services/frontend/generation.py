@@ -17,13 +17,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from services.common.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
     UnavailableError,
 )
+from services.common.sampling_pb import sampling_to_pb
 from services.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.frontend.scheduler_link import LinkLost, SchedulerLink
 from services.frontend.tokenizer import ModelTokenizer
@@ -141,15 +141,7 @@ class GenerationCore:
             max_tokens=request.max_tokens,
             stop_token_ids=sorted(self.model.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
-            sampling=cpb.SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                seed=sampling.seed or 0,
-                has_seed=sampling.seed is not None,
-                logprobs=sampling.logprobs,
-                top_logprobs=sampling.top_logprobs,
-            ),
+            sampling=sampling_to_pb(sampling.params),
         )
         try:
             events = self.link.submit(submit)

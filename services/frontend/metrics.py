@@ -1,8 +1,8 @@
 """Prometheus metrics served on the frontend's HTTP port at /metrics.
 
-Request latencies are observed here as requests end; the scheduler's counters and gauges are
-fetched from its Stats RPC at scrape time (one call per scrape) and exported as they are, so
-the frontend holds no copy that could drift.
+Request latencies are observed here as requests end; the scheduler's series are fetched from
+its Stats RPC at scrape time (one call per scrape) and exported as they come, names, types and
+help included, so the frontend keeps no list of them.
 """
 
 from __future__ import annotations
@@ -12,46 +12,27 @@ import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.metric_family import metric_family
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATS_TIMEOUT_S = 2.0
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SCHEDULER_PREFIX = "fastserve_scheduler_"
 _TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-# StatsResponse fields exported as counters (totals since the scheduler started) and gauges.
-_SCHEDULER_COUNTERS = {
-    "iterations": ("num_iterations", "Scheduler iterations run"),
-    "submitted_jobs": ("num_submitted_jobs", "Jobs submitted"),
-    "finished_jobs": ("num_finished_jobs", "Jobs finished"),
-    "cancelled_jobs": ("num_cancelled_jobs", "Jobs cancelled"),
-    "rejected_jobs": ("num_rejected_jobs", "Jobs rejected"),
-    "recomputed_jobs": ("num_recomputed_jobs", "Preemptions by recompute"),
-    "swapped_out_jobs": ("num_swapped_out_jobs", "Preemptions by swap-out"),
-    "swapped_in_jobs": ("num_swapped_in_jobs", "Swap-ins completed"),
-    "swap_failures": ("num_swap_failures", "Swaps the kvstore refused or lost"),
-}
-_SCHEDULER_GAUGES = {
-    "waiting_jobs": ("num_waiting_jobs", "Jobs waiting (all queue levels)"),
-    "running_jobs": ("num_running_jobs", "Jobs in the last iteration's batch"),
-    "host_jobs": ("num_host_jobs", "Preempted jobs whose KV is in the kvstore"),
-    "kv_blocks_total": ("num_total_blocks", "Device KV blocks"),
-    "kv_blocks_free": ("num_free_blocks", "Device KV blocks free"),
-    "worker_kv_blocks_used": ("num_worker_used_blocks", "KV blocks the worker reports in use"),
-    "frontends": ("num_frontends", "Connected frontends"),
-    "swap_bytes_per_second": ("swap_bytes_per_s", "Estimated swap bandwidth"),
-    "mean_iteration_seconds": ("mean_iteration_ms", "Mean iteration wall time"),
-}
+_METRIC_KINDS = {spb.METRIC_TYPE_COUNTER: "counter", spb.METRIC_TYPE_GAUGE: "gauge"}
 
 
 class SchedulerStatsCollector:
-    """Exports the last StatsResponse; `up` is 0 when the scheduler did not answer."""
+    """Exports whatever the last StatsResponse holds, as the scheduler's own /metrics port
+    does; `up` is 0 when the scheduler did not answer."""
 
     def __init__(self) -> None:
         self.stats: spb.StatsResponse | None = None
@@ -62,19 +43,12 @@ class SchedulerStatsCollector:
         yield up
         if self.stats is None:
             return
-        s = self.stats
-        for name, (attr, doc) in _SCHEDULER_COUNTERS.items():
-            yield CounterMetricFamily(f"fastserve_scheduler_{name}", doc, getattr(s, attr))
-        for name, (attr, doc) in _SCHEDULER_GAUGES.items():
-            value = getattr(s, attr)
-            if attr == "mean_iteration_ms":
-                value /= 1000.0
-            yield GaugeMetricFamily(f"fastserve_scheduler_{name}", doc, value)
-        yield GaugeMetricFamily(
-            "fastserve_scheduler_kv_blocks_used",
-            "Device KV blocks in use",
-            s.num_total_blocks - s.num_free_blocks,
-        )
+        for metric in self.stats.metrics:
+            kind = _METRIC_KINDS.get(metric.type)
+            if kind is None:
+                continue  # a type this frontend does not know (a newer scheduler)
+            samples = [(dict(sample.labels), sample.value) for sample in metric.samples]
+            yield metric_family(SCHEDULER_PREFIX + metric.name, kind, metric.help, samples)
 
 
 class FrontendMetrics:

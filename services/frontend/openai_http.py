@@ -294,7 +294,7 @@ class _CompletionFormat:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
-        self.want_logprobs = parsed.sampling.logprobs
+        self.want_logprobs = parsed.sampling.params.logprobs
         self.token_text = token_text  # a token id as text, for logprobs
         self._text_offset = 0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InvalidArgumentError
+from services.common.sampling import MAX_TOP_LOGPROBS
 from services.frontend.tokenizer import ChatTurn
 from services.frontend.validation import SamplingRequest, check_sampling
 
@@ -209,7 +210,7 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
     # Completions: logprobs = N asks for the sampled token's logprob and N alternatives.
     top = _opt(body, "logprobs", _int, -MAX_INT32, MAX_INT32)
     if top is not None and top < 0:
-        raise InvalidArgumentError("logprobs", f"must be in [0, 20], got {top}")
+        raise InvalidArgumentError("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
     common = _common(body, COMPLETION_FIELDS, "max_tokens", (top is not None, top or 0, "logprobs"))
     if body.get("echo") not in (None, False):
         raise InvalidArgumentError("echo", "is not supported (only false)")

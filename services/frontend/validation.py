@@ -1,15 +1,18 @@
-"""Checks a generation request before any work is done; every error names the field."""
+"""Checks a generation request before any work is done; every error names the field.
+
+The sampling settings' rules live with their dataclass (services.common.sampling); this edge
+applies the API's defaults, checks the stopping settings, and names fields as the API does.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgumentError
+from services.common.sampling import SamplingError, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,14 +20,9 @@ class SamplingRequest:
     """Sampling and stopping settings after defaults and checks."""
 
     max_tokens: int | None  # None: fill the remaining context up to the server's default cap
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool
-    logprobs: bool = False  # return each token's log-probability ...
-    top_logprobs: int = 0  # ... and this many most likely alternatives
+    params: SamplingParams  # how to pick each token, sent on to the scheduler as it is
 
 
 def check_sampling(
@@ -40,38 +38,29 @@ def check_sampling(
     top_logprobs: int = 0,
     top_logprobs_field: str = "top_logprobs",
 ) -> SamplingRequest:
+    """Applies the defaults (temperature 1, top_p 1, no top-k) and checks every setting;
+    `top_logprobs_field` is what the API calls top_logprobs (legacy completions: logprobs)."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgumentError("max_tokens", f"must be >= 1, got {max_tokens}")
-    temperature = 1.0 if temperature is None else temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgumentError("temperature", f"must be >= 0, got {temperature}")
-    top_p = 1.0 if top_p is None else top_p
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidArgumentError("top_p", f"must be in (0, 1], got {top_p}")
-    top_k = 0 if top_k is None else top_k
-    if top_k < 0:
-        raise InvalidArgumentError("top_k", f"must be >= 0, got {top_k}")
+    try:
+        params = SamplingParams(
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=0 if top_k is None else top_k,
+            seed=seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+    except SamplingError as exc:
+        field = top_logprobs_field if exc.field == "top_logprobs" else exc.field
+        raise InvalidArgumentError(field, exc.problem) from None
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgumentError("stop", f"at most {MAX_STOP_STRINGS} strings")
     for i, s in enumerate(stop):
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidArgumentError(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters")
-    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidArgumentError(
-            top_logprobs_field, f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}"
-        )
-    if top_logprobs and not logprobs:
-        raise InvalidArgumentError(top_logprobs_field, "needs logprobs")
     return SamplingRequest(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=ignore_eos,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
+        max_tokens=max_tokens, stop=tuple(stop), ignore_eos=ignore_eos, params=params
     )
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.worker.v1 import worker_pb2 as wpb
+from services.common.sampling import SamplingError
+from services.common.sampling_pb import sampling_from_pb, sampling_to_pb
 from services.scheduler.core import (
     Decision,
     Event,
     EventKind,
     FinishReason,
     Job,
-    SamplingParams,
     TokenLogprobs,
 )
 
@@ -32,19 +33,14 @@ _FINISH_REASONS = {
 }
 
 
-def job_from_submit(submit: spb.Submit, job_id: str) -> Job:
+def job_from_submit(submit: spb.Submit) -> Job:
     """Raises ValueError naming the field when the submit is malformed."""
-    s = submit.sampling
-    sampling = SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p if s.top_p else 1.0,
-        top_k=s.top_k,
-        seed=s.seed if s.has_seed else None,
-        logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs,
-    )
+    try:
+        sampling = sampling_from_pb(submit.sampling)
+    except SamplingError as exc:
+        raise SamplingError(f"sampling.{exc.field}", exc.problem) from None
     return Job(
-        job_id=job_id,
+        job_id=submit.job_id,
         prompt_token_ids=list(submit.prompt_token_ids),
         max_tokens=submit.max_tokens,
         sampling=sampling,
@@ -53,9 +49,9 @@ def job_from_submit(submit: spb.Submit, job_id: str) -> Job:
     )
 
 
-def event_to_pb(event: Event, job_id: str) -> spb.JobEvent:
+def event_to_pb(event: Event) -> spb.JobEvent:
     return spb.JobEvent(
-        job_id=job_id,
+        job_id=event.job_id,
         kind=_EVENT_KINDS[event.kind],
         token_ids=event.token_ids,
         queue_level=event.queue_level,
@@ -83,15 +79,8 @@ def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
             start_pos=chunk.start_pos,
             block_ids=chunk.block_ids,
             sample=chunk.sample,
-            sampling=cpb.SamplingParams(
-                temperature=chunk.sampling.temperature,
-                top_p=chunk.sampling.top_p,
-                top_k=chunk.sampling.top_k,
-                seed=chunk.sampling.seed or 0,
-                has_seed=chunk.sampling.seed is not None,
-                logprobs=chunk.sampling.logprobs,
-                top_logprobs=chunk.sampling.top_logprobs,
-            ),
+            # Absent when the workers hold the job's settings already (see worker.proto).
+            sampling=None if chunk.sampling is None else sampling_to_pb(chunk.sampling),
         )
         for chunk in decision.chunks
     ]

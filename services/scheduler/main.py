@@ -13,8 +13,8 @@ from services.common.lifecycle import announce_ready, catch_stop_signals, run_un
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.scheduler.core import SchedulerConfig, SchedulerCore
-from services.scheduler.core.kv_planner import KV_POLICIES
-from services.scheduler.core.policy import make_policy
+from services.scheduler.core.config import KV_POLICIES
+from services.scheduler.core.policies import make_policy
 from services.scheduler.discovery import add_discovery_arguments, discovery_from_args
 from services.scheduler.engine import Engine
 from services.scheduler.metrics import make_registry
@@ -103,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=info.max_model_len,
         max_batch_size=args.max_batch_size,
         max_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
-        policy=args.policy,
         backfill=backfill,
         kv_policy=args.kv_policy,
         swap_enabled=info.swap_enabled,

@@ -4,6 +4,10 @@ stage in the same order, up to S commands in flight, tokens taken from the last 
 With one stage this is a thin wrapper over its WorkerLink. With S stages, each Reset names a
 new pipeline id under which the stages (re)form their activation group, so a stage that
 restarted joins a fresh group with the others.
+
+The engine's in-flight ledger is the only one: `collect` receives the next result, in order,
+from every link. `StageJoin` merges the stages' results into one StepResult; an in-process
+pipeline (testing/local_pipeline.py) shares it.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastserve.worker.v1 import worker_pb2 as wpb
 from services.scheduler.convert import decision_to_command, logprobs_from_pb
@@ -44,26 +47,95 @@ class StageTally:
     first_command_at: float | None = None
 
 
-@dataclass(slots=True)
-class _SwapJoin:
-    """A swap is done when every stage has moved its shard; it failed if any stage failed."""
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    """One stage's result of one command, wherever the stage runs."""
 
-    num_stages: int
-    parts: dict[tuple[str, bool], list[wpb.SwapDone]] = field(default_factory=dict)
+    tokens: dict[str, int]  # job id -> sampled token (the last stage samples)
+    logprobs: dict[str, TokenLogprobs]
+    forward_s: float
+    wait_s: float
+    total_s: float
+    num_used_blocks: int
+    swaps_done: list[SwapResult]  # this stage's shard of each swap
+    num_swaps_in_flight: int
 
-    def add(self, done: wpb.SwapDone) -> SwapResult | None:
-        key = (done.job_id, done.direction == wpb.SWAP_DIRECTION_IN)
-        parts = self.parts.setdefault(key, [])
+
+def stage_result_from_pb(result: wpb.Result) -> StageResult:
+    return StageResult(
+        tokens={t.job_id: t.token_id for t in result.tokens},
+        logprobs={
+            t.job_id: logprobs_from_pb(t.logprobs) for t in result.tokens if t.HasField("logprobs")
+        },
+        forward_s=result.forward_us / 1e6,
+        wait_s=result.wait_us / 1e6,
+        total_s=result.total_us / 1e6,
+        num_used_blocks=result.num_used_blocks,
+        swaps_done=[
+            SwapResult(
+                job_id=done.job_id,
+                swap_in=done.direction == wpb.SWAP_DIRECTION_IN,
+                ok=done.ok,
+                num_bytes=done.num_bytes,
+                duration_s=done.duration_us / 1e6,
+            )
+            for done in result.swaps_done
+        ],
+        num_swaps_in_flight=result.num_swaps_in_flight,
+    )
+
+
+class StageJoin:
+    """Merges the stages' results of one command into one StepResult, and keeps each stage's
+    tally. A swap is done when every stage has moved its shard; it failed if any stage failed."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.num_stages = num_stages
+        self.tallies = [StageTally() for _ in range(num_stages)]
+        self._parts: dict[tuple[str, bool], list[SwapResult]] = {}
+
+    def forget_swaps(self) -> None:
+        """The stages were reset: shards reported so far will never be joined."""
+        self._parts.clear()
+
+    def join(self, results: list[StageResult]) -> StepResult:
+        now = time.perf_counter()
+        swaps = []
+        for tally, result in zip(self.tallies, results, strict=True):
+            tally.num_commands += 1
+            tally.busy_s += result.forward_s
+            tally.wait_s += result.wait_s
+            tally.num_used_blocks = result.num_used_blocks
+            if tally.first_command_at is None:
+                tally.first_command_at = now - result.total_s
+            for done in result.swaps_done:
+                joined = self._add_swap(done)
+                if joined is not None:
+                    swaps.append(joined)
+        last = results[-1]
+        return StepResult(
+            tokens=last.tokens,
+            logprobs=last.logprobs,
+            forward_s=sum(r.forward_s for r in results),
+            total_s=max(r.total_s for r in results),
+            num_used_blocks=max(r.num_used_blocks for r in results),
+            swaps_done=swaps,
+            num_swaps_in_flight=max(r.num_swaps_in_flight for r in results),
+        )
+
+    def _add_swap(self, done: SwapResult) -> SwapResult | None:
+        key = (done.job_id, done.swap_in)
+        parts = self._parts.setdefault(key, [])
         parts.append(done)
         if len(parts) < self.num_stages:
             return None
-        del self.parts[key]
+        del self._parts[key]
         return SwapResult(
             job_id=done.job_id,
-            swap_in=key[1],
+            swap_in=done.swap_in,
             ok=all(p.ok for p in parts),
             num_bytes=sum(p.num_bytes for p in parts),
-            duration_s=max(p.duration_us for p in parts) / 1e6,
+            duration_s=max(p.duration_s for p in parts),
         )
 
 
@@ -73,17 +145,15 @@ class Pipeline:
             raise ValueError("a pipeline needs at least one stage address")
         self.links = [WorkerLink(address) for address in addresses]
         self.stages: list[WorkerInfo] = []
-        self.tallies = [StageTally() for _ in addresses]
-        self._sent_at: deque[float] = deque()
-        self._swaps = _SwapJoin(len(addresses))
+        self._join = StageJoin(len(addresses))
 
     @property
     def num_stages(self) -> int:
         return len(self.links)
 
     @property
-    def num_in_flight(self) -> int:
-        return len(self._sent_at)
+    def tallies(self) -> list[StageTally]:
+        return self._join.tallies
 
     @property
     def addresses(self) -> list[str]:
@@ -145,8 +215,7 @@ class Pipeline:
         """(Re)connects every stage and resets it; several stages form a new group. Commands
         in flight are forgotten (their results will never come)."""
         pipeline_id = uuid.uuid4().hex if len(self.links) > 1 else ""
-        self._sent_at.clear()
-        self._swaps = _SwapJoin(len(self.links))
+        self._join.forget_swaps()
         for link in self.links:
             link.close()
         # Every stage must be up before any is asked to form the group: a stage still
@@ -163,44 +232,14 @@ class Pipeline:
 
     def submit(self, decision: Decision) -> None:
         """Sends the decision to every stage; its result comes from `collect`, in order."""
-        command = decision_to_command(decision, 0)
+        command = decision_to_command(decision, decision.iteration_id)
         for link in self.links:
             link.send(command)
-        self._sent_at.append(time.perf_counter())
 
     def collect(self) -> StepResult:
-        """The result of the oldest decision in flight."""
-        if not self._sent_at:
-            raise RuntimeError("collect() with nothing in flight")
-        self._sent_at.popleft()
-        results = [link.receive() for link in self.links]
-        now = time.perf_counter()
-        swaps = []
-        for tally, result in zip(self.tallies, results, strict=True):
-            tally.num_commands += 1
-            tally.busy_s += result.forward_us / 1e6
-            tally.wait_s += result.wait_us / 1e6
-            tally.num_used_blocks = result.num_used_blocks
-            if tally.first_command_at is None:
-                tally.first_command_at = now - result.total_us / 1e6
-            for done in result.swaps_done:
-                joined = self._swaps.add(done)
-                if joined is not None:
-                    swaps.append(joined)
-        last = results[-1]
-        return StepResult(
-            tokens={t.job_id: t.token_id for t in last.tokens},
-            logprobs={
-                t.job_id: logprobs_from_pb(t.logprobs)
-                for t in last.tokens
-                if t.HasField("logprobs")
-            },
-            forward_s=sum(r.forward_us for r in results) / 1e6,
-            total_s=max(r.total_us for r in results) / 1e6,
-            num_used_blocks=max(r.num_used_blocks for r in results),
-            swaps_done=swaps,
-            num_swaps_in_flight=max(r.num_swaps_in_flight for r in results),
-        )
+        """The result of the oldest decision sent and not yet collected (the caller knows
+        which: results come in the order the decisions were submitted)."""
+        return self._join.join([stage_result_from_pb(link.receive()) for link in self.links])
 
     def execute(self, decision: Decision) -> StepResult:
         """One decision, start to end (nothing else in flight)."""
@@ -210,4 +249,3 @@ class Pipeline:
     def close(self) -> None:
         for link in self.links:
             link.close()
-        self._sent_at.clear()

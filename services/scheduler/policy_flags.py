@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from services.common.flags import add_flag
-from services.scheduler.core.policy import POLICY_NAMES
+from services.scheduler.core.policies import POLICY_NAMES
 
 DEFAULT_PROFILE_DIR = Path.home() / ".cache" / "fastserve" / "profiles"
 _NAMED = ("base_quantum_ms", "quantum_ratio", "num_queues", "starvation_ms")

@@ -57,8 +57,8 @@ def profile_key(info: WorkerInfo, max_batch_size: int, max_batched_tokens: int) 
         "max_batched_tokens": max_batched_tokens,
         "longest_prefill": _longest_prefill(info, max_batched_tokens),
         "largest_batch": _largest_batch(info, max_batch_size),
-        # Bumped when the engine changes what a step costs (4: the serving forward and native
-        # CPU kernels, 2026-12-04), so no profile of another engine is reused.
+        # Bumped whenever the engine changes what a step costs, so no profile of another
+        # engine is reused.
         "version": 4,
     }
 

@@ -10,6 +10,8 @@ from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.scheduler.convert import event_to_pb, job_from_submit
 from services.scheduler.engine import Engine
+from services.scheduler.inbox import Cancel, Submit
+from services.scheduler.stats_table import TABLE, Kind
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         while (item := outbox.get()) is not None:
             yield spb.SchedulerMessage(
                 iteration_id=item.iteration_id,
-                events=[event_to_pb(event, job_id) for job_id, event in item.events],
+                events=[event_to_pb(event) for event in item.events],
             )
         log.info("frontend %s disconnected", frontend_id)
 
@@ -48,58 +50,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     jobs, rejected = [], []
                     for submit in message.submits:
                         try:
-                            jobs.append(job_from_submit(submit, submit.job_id))
+                            jobs.append(job_from_submit(submit))
                         except ValueError as exc:
                             rejected.append((submit.job_id, str(exc)))
-                    self._engine.submit(frontend_id, jobs, rejected)
+                    self._engine.post(Submit(frontend_id, jobs, rejected))
                 if message.cancel_job_ids:
-                    self._engine.cancel(frontend_id, list(message.cancel_job_ids))
+                    self._engine.post(Cancel(frontend_id, list(message.cancel_job_ids)))
         except Exception as exc:  # the stream broke; the callback cancels the jobs
             log.info("frontend %s stream ended: %s", frontend_id, exc)
         finally:
             self._engine.disconnect(frontend_id)
 
     def Stats(self, request, context):
-        s = self._engine.stats
+        stats = self._engine.stats
         return spb.StatsResponse(
             policy=self._policy_name,
-            num_waiting_jobs=s.num_waiting_jobs,
-            num_running_jobs=s.num_running_jobs,
-            num_total_blocks=s.num_total_blocks,
-            num_free_blocks=s.num_free_blocks,
             block_size_tokens=self._block_size,
-            num_iterations=s.num_iterations,
-            num_submitted_jobs=s.num_submitted_jobs,
-            num_finished_jobs=s.num_finished_jobs,
-            num_cancelled_jobs=s.num_cancelled_jobs,
-            num_rejected_jobs=s.num_rejected_jobs,
-            num_recomputed_jobs=s.num_recomputed_jobs,
-            mean_iteration_ms=s.mean_iteration_ms,
-            mean_forward_ms=s.mean_forward_ms,
-            mean_batch_jobs=s.mean_batch_jobs,
-            mean_batch_tokens=s.mean_batch_tokens,
-            num_frontends=s.num_frontends,
-            num_worker_used_blocks=s.num_worker_used_blocks,
             kv_policy=self._kv_policy,
-            num_swapped_out_jobs=s.num_swapped_out_jobs,
-            num_swapped_in_jobs=s.num_swapped_in_jobs,
-            num_swap_failures=s.num_swap_failures,
-            num_host_jobs=s.num_host_jobs,
-            swap_bytes_per_s=s.swap_bytes_per_s,
-            swap_out_bytes=s.swap_out_bytes,
-            swap_in_bytes=s.swap_in_bytes,
-            stages=[
-                spb.StageStats(
-                    stage_index=v.stage_index,
-                    address=v.address,
-                    first_layer=v.first_layer,
-                    num_layers=v.num_layers,
-                    num_used_blocks=v.num_used_blocks,
-                    num_commands=v.num_commands,
-                    busy_s=v.busy_s,
-                    wait_s=v.wait_s,
-                    wall_s=v.wall_s,
+            metrics=[
+                spb.Metric(
+                    name=series.name,
+                    type=_METRIC_TYPES[series.kind],
+                    help=series.help,
+                    samples=[
+                        spb.MetricSample(labels=labels, value=value)
+                        for labels, value in series.samples(stats)
+                    ],
                 )
-                for v in s.stages
+                for series in TABLE
             ],
         )
+
+
+_METRIC_TYPES = {Kind.COUNTER: spb.METRIC_TYPE_COUNTER, Kind.GAUGE: spb.METRIC_TYPE_GAUGE}

@@ -70,7 +70,6 @@ class WorkerLink:
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._requests: queue.SimpleQueue[wpb.Command | None] | None = None
         self._responses = None
-        self._next_command_id = 1
 
     def info(self, timeout_s: float = 5.0) -> WorkerInfo:
         try:
@@ -122,10 +121,10 @@ class WorkerLink:
         self.receive()
 
     def send(self, command: wpb.Command) -> None:
+        """Queues a command as it is (its command_id is the decision's iteration id; 0 for a
+        Reset or a command outside an iteration)."""
         if self._requests is None:
             raise WorkerError(f"worker {self.address}: stream is not open")
-        command.command_id = self._next_command_id
-        self._next_command_id += 1
         self._requests.put(command)
 
     def receive(self) -> wpb.Result:

@@ -7,50 +7,9 @@ server, tests, a simulator) does not have to import the model stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Log-probabilities from the model's distribution (before temperature, top-k, top-p) of a
-    sampled token and of the most likely tokens."""
-
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """How to pick the next token from a row of logits."""
-
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
-    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with cumulative prob >= top_p
-    top_k: int = 0  # keep only the k most likely tokens; 0 = disabled
-    # When set, the token at position p is drawn from a generator seeded from (seed, p), so
-    # re-batching or recomputing a job after preemption samples the same token.
-    seed: int | None = None
-    logprobs: bool = False  # return the sampled token's log-probability
-    top_logprobs: int = 0  # ... and this many most likely alternatives
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
-
-    @property
-    def is_greedy(self) -> bool:
-        # top_k == 1 keeps one candidate whatever the temperature, so it is argmax too.
-        return self.temperature == 0 or self.top_k == 1
-
-
-GREEDY = Sampling()
+from services.common.sampling import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +27,9 @@ class SeqChunk:
     # [i * block_size, (i + 1) * block_size). Longer tables are fine; extra blocks are unused.
     block_ids: Sequence[int]
     sample: bool  # sample a next token after this chunk (False for a non-final prompt chunk)
-    sampling: Sampling = field(default=GREEDY)
+    # How to sample. None: the settings the Executor holds for the job (a command sends them
+    # once, see worker.proto); a ModelRunner used on its own then samples greedily.
+    sampling: SamplingParams | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,20 +1,28 @@
-"""Executes worker commands against the model runner, and keeps the block ownership ledger.
+"""Executes worker commands against the model runner, and keeps the block ownership ledger
+and each job's sampling settings.
 
 The ledger is only a check: the scheduler owns allocation, and the worker refuses a step that
-would hand one block to two jobs instead of silently corrupting their KV.
+would hand one block to two jobs instead of silently corrupting their KV. Sampling settings
+come once per job (with its first chunk after the worker last forgot it, see worker.proto) and
+are kept until a free or a reset.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.worker.batch import SeqChunk, TokenLogprobs
+from services.common.sampling import SamplingParams, TokenLogprobs
+from services.worker.batch import SeqChunk
+from services.worker.command import Command, CommandResult, Free, Reset, Step, SwapDone
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
 from services.worker.sampler import logprobs
-from services.worker.swapper import SwapDone, Swapper
+from services.worker.swapper import Swapper
+
+log = logging.getLogger(__name__)
 
 
 class CommandError(ValueError):
@@ -42,19 +50,60 @@ class Executor:
         self.stages = stages
         self._owner: dict[int, str] = {}  # block id -> job id
         self._blocks_of: dict[str, set[int]] = {}
+        self._sampling: dict[str, SamplingParams] = {}  # job id -> its settings, once sent
 
     @property
     def num_used_blocks(self) -> int:
         return len(self._owner)
 
+    def run(self, command: Command) -> CommandResult:
+        """Applies one command: frees, swap-outs, swap-ins, then its action. A command that
+        fails (a malformed one names its field) comes back with `error` set; the swaps that
+        finished meanwhile are reported either way."""
+        started = time.perf_counter()
+        output = StepOutput(tokens=[], forward_s=0.0)
+        error = ""
+        try:
+            self.free(command.free_first)
+            for move in command.swap_out:
+                self.swap_out(move.job_id, move.block_ids)
+            for move in command.swap_in:
+                self.swap_in(move.job_id, move.block_ids)
+            action = command.action
+            if isinstance(action, Step):
+                output = self.step(action.seqs)
+            elif isinstance(action, Free):
+                self.free(action.job_ids)
+            elif isinstance(action, Reset):
+                self.reset(action.pipeline_id)
+        except ValueError as exc:  # CommandError among them: a malformed command
+            error = str(exc)
+        except Exception as exc:  # one bad command must not kill the worker
+            log.exception("command failed")
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        return CommandResult(
+            tokens=output.tokens,
+            logprobs=output.logprobs,
+            forward_s=output.forward_s,
+            wait_s=output.wait_s,
+            total_s=time.perf_counter() - started,
+            swaps_done=self.poll_swaps(),
+            num_swaps_in_flight=self.num_swaps_in_flight,
+            num_used_blocks=self.num_used_blocks,
+            error=error,
+        )
+
     def free(self, job_ids: Iterable[str]) -> None:
-        """Releases jobs' device blocks and drops any kvstore copy of their KV."""
+        """Releases jobs' device blocks, drops any kvstore copy of their KV, and forgets their
+        sampling settings."""
         job_ids = list(job_ids)
         if self.swapper is not None:
             self.swapper.settle(job_ids)  # a swap-in still writing their blocks finishes first
         self._release(job_ids)
         if self.swapper is not None:
             self.swapper.forget(job_ids)
+        for job_id in job_ids:
+            self._sampling.pop(job_id, None)
 
     def _release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -104,11 +153,13 @@ class Executor:
             blocks.add(block_id)
 
     def reset(self, pipeline_id: str = "") -> None:
-        """Forgets every job's blocks; with pipeline stages, (re)forms the stage group."""
+        """Forgets every job's blocks and sampling settings; with pipeline stages, (re)forms
+        the stage group."""
         if self.swapper is not None:
             self.swapper.poll()  # results for a previous scheduler connection: stale
         self._owner.clear()
         self._blocks_of.clear()
+        self._sampling.clear()
         self.runner.reset()
         if self.stages is not None:
             self.stages.form(pipeline_id)
@@ -117,6 +168,7 @@ class Executor:
         if not seqs:
             return StepOutput(tokens=[], forward_s=0.0)
         self._claim(seqs)
+        self._take_sampling(seqs)
         return self._stage_step(seqs, self.stages)
 
     def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup | None) -> StepOutput:
@@ -125,7 +177,7 @@ class Executor:
         inputs from the same command."""
         runner = self.runner
         started = time.perf_counter()
-        inputs = runner.prepare(seqs)
+        inputs = runner.prepare(seqs, self._sampling)
         wait_s = 0.0
         if stages is None or stages.is_first:
             hidden = runner.embed(inputs)
@@ -166,3 +218,17 @@ class Executor:
                 )
         for seq in seqs:
             self._claim_blocks(seq.job_id, seq.block_ids, "seqs")
+
+    def _take_sampling(self, seqs: Sequence[SeqChunk]) -> None:
+        """Records the settings that came with chunks; a chunk without them must be of a job
+        whose settings this worker holds."""
+        held = self._sampling
+        for seq in seqs:
+            if seq.sampling is None and seq.job_id not in held:
+                raise CommandError(
+                    f"seqs[{seq.job_id}].sampling: required on a job's first chunk after the "
+                    "worker last freed or reset it; this worker holds none for the job"
+                )
+        for seq in seqs:
+            if seq.sampling is not None:
+                held[seq.job_id] = seq.sampling

@@ -14,16 +14,17 @@ worker can run just its share: stage 0 embeds, the last stage takes logits and s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from services.common.sampling import GREEDY, SamplingParams
 from services.worker import native
 from services.worker.attention import AttentionMetadata, PagedAttention
-from services.worker.batch import Sampling, SeqChunk
+from services.worker.batch import SeqChunk
 from services.worker.kv_cache import KVCache
 from services.worker.models.llama import LayerOps, LlamaForServing, head_dim, num_kv_heads
 from services.worker.models.loader import from_hf
@@ -42,7 +43,7 @@ class StepInputs:
     positions: torch.Tensor  # [T] position of each token in its job
     attention: AttentionMetadata
     sample_rows: torch.Tensor  # [S] the last row of each chunk that samples
-    sample_params: list[Sampling]
+    sample_params: list[SamplingParams]
     sample_positions: list[int]  # position the sampled token will take, keys seeded sampling
     sample_seqs: list[int]  # index into the step's chunks of each sampled row
 
@@ -137,8 +138,13 @@ class ModelRunner:
             results[seq_index] = token
         return results
 
-    def prepare(self, seqs: Sequence[SeqChunk]) -> StepInputs:
-        """Validates the chunks and builds the step's index tensors with one host-device copy."""
+    def prepare(
+        self, seqs: Sequence[SeqChunk], held: Mapping[str, SamplingParams] | None = None
+    ) -> StepInputs:
+        """Validates the chunks and builds the step's index tensors with one host-device copy.
+
+        A sampled chunk samples with its own settings, else with those in `held` for its job
+        (the Executor's), else greedily."""
         block_size = self.block_size
         num_seqs = len(seqs)
         query_lens = [seq.num_tokens for seq in seqs]
@@ -197,7 +203,7 @@ class ModelRunner:
             positions=views[1],
             attention=meta,
             sample_rows=views[4],
-            sample_params=[seqs[i].sampling for i in sample_seqs],
+            sample_params=[_sampling_of(seqs[i], held) for i in sample_seqs],
             sample_positions=[seq_lens[i] for i in sample_seqs],
             sample_seqs=sample_seqs,
         )
@@ -223,3 +229,9 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, inputs: StepInputs) -> list[int]:
         return sample(logits, inputs.sample_params, inputs.sample_positions)
+
+
+def _sampling_of(seq: SeqChunk, held: Mapping[str, SamplingParams] | None) -> SamplingParams:
+    if seq.sampling is not None:
+        return seq.sampling
+    return held[seq.job_id] if held is not None else GREEDY

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.worker.batch import Sampling, TokenLogprobs
+from services.common.sampling import SamplingParams, TokenLogprobs
 
 _MASK_64 = (1 << 64) - 1
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # odd constant, spreads seeds apart before adding the position
@@ -29,7 +29,9 @@ def row_seed(seed: int, position: int) -> int:
     return (seed * _GOLDEN_64 + position) & _MASK_64
 
 
-def sample(logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence[int]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> list[int]:
     """One token per row of `logits` [B, V].
 
     `positions[i]` is the position the sampled token will take in its job (prompt + output so
@@ -59,7 +61,7 @@ def sample(logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence
 
 
 def _sample_random(
-    logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence[int]
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
 ) -> list[int]:
     device = logits.device
     vocab_size = logits.shape[1]
@@ -72,7 +74,7 @@ def _sample_random(
     return scores.argmax(dim=-1).tolist()
 
 
-def _keep_mask(probs: torch.Tensor, params: Sequence[Sampling]) -> torch.Tensor:
+def _keep_mask(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Which tokens survive top-k then top-p, as a bool mask in vocabulary order."""
     device = probs.device
     vocab_size = probs.shape[1]
@@ -93,7 +95,10 @@ def _keep_mask(probs: torch.Tensor, params: Sequence[Sampling]) -> torch.Tensor:
 
 
 def _exponentials(
-    params: Sequence[Sampling], positions: Sequence[int], vocab_size: int, device: torch.device
+    params: Sequence[SamplingParams],
+    positions: Sequence[int],
+    vocab_size: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Exp(1) noise [rows, vocab]: seeded rows from their own generator, the rest from torch's
     global one. NOTE: a seeded stream is reproducible per device type, not across cpu/cuda."""
@@ -107,7 +112,7 @@ def _exponentials(
 
 
 def logprobs(
-    logits: torch.Tensor, tokens: Sequence[int], params: Sequence[Sampling]
+    logits: torch.Tensor, tokens: Sequence[int], params: Sequence[SamplingParams]
 ) -> list[TokenLogprobs | None]:
     """For the rows that asked: the log-probability of the sampled token and the top
     alternatives, from the model's raw distribution (what OpenAI and vLLM report)."""

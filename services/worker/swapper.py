@@ -9,8 +9,7 @@ no step waits for a swap. One kvstore value per (job, stage) holds all of the jo
 On CPU with the kvstore on this host, each direction is one copy: swap-out writes the pool's
 blocks straight into a shared-memory file (one pwritev over views of the pool), swap-in reads
 the file straight into the allocated blocks (one preadv); only the file's name crosses gRPC.
-(Two copies through a host tensor ran at a third of memcpy speed, a fresh tensor's page faults
-costing more than the copies; see docs/kv-swapping.md.)
+(A fresh host tensor's page faults cost more than the copies: docs/results/kv-swapping.md.)
 
 On CUDA, host buffers are pinned and device copies run on a separate stream, so they overlap
 compute; the copy is complete (event synchronised) before a swap is reported done.
@@ -23,28 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
 from services.kvstore.client import KVStoreClient, Staged
+from services.worker.command import SwapDone
 from services.worker.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class SwapDone:
-    job_id: str
-    swap_in: bool  # False: a swap-out
-    ok: bool
-    error: str = ""
-    num_bytes: int = 0
-    duration_s: float = 0.0
 
 
 class Swapper:

@@ -20,7 +20,7 @@ from services.common.model_source import (
     load_tokenizer,
     resolve_model,
 )
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 
 def test_default_name_and_aliases_resolve_to_the_packaged_gguf():

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve_client import Client
-from tests.stack import Stack
+from testing.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
@@ -38,7 +38,7 @@ def test_scheduler_and_worker_metrics_ports(tiny_model_dir):
         with Client(stack.address) as client:
             for i in range(NUM_REQUESTS):
                 client.complete(f"Count to {i}:", max_tokens=8, temperature=0)
-        stack.wait_for_stats(lambda s: s.num_finished_jobs >= NUM_REQUESTS)
+        stack.wait_for_stats(lambda s: s["finished_jobs"] >= NUM_REQUESTS)
 
         scheduler = scrape(urls["scheduler"])
         ((_, finished),) = scheduler["fastserve_scheduler_finished_jobs_total"]

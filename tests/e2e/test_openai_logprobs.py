@@ -11,8 +11,8 @@ import torch
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
 from fastserve_client import Client
+from testing.stack import Stack
 from tests.e2e.test_openai import http_address
-from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 

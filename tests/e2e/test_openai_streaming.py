@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fastserve_client import Chunk, Client
+from testing.stack import Stack
 from tests.e2e.test_openai import http_address
-from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from testing.stack import Stack
 from tests.e2e.test_swapping import check_exact, run_all
-from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -48,10 +48,14 @@ def test_stages_give_the_reference_output(
         assert stack.stop() == 0
     assert outputs == single_stage_outputs
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
-    assert [s.stage_index for s in stats.stages] == list(range(stages))
-    assert sum(s.num_layers for s in stats.stages) == tiny_hf_model.config.num_hidden_layers
-    assert all(s.num_commands > 0 and s.busy_s > 0 for s in stats.stages)
-    assert stats.stages[0].wait_s == 0 and stats.stages[-1].wait_s > 0
-    assert all(s.num_used_blocks == 0 for s in stats.stages)
-    assert stats.num_swapped_in_jobs > 0 and stats.num_swap_failures == 0, stats
-    assert stats.swap_in_bytes == stats.swap_out_bytes > 0  # every shard came back
+    info = sorted(stats.samples("stage_info"), key=lambda sample: int(sample[0]["stage"]))
+    assert [int(labels["stage"]) for labels, _ in info] == list(range(stages))
+    num_layers = sum(int(labels["num_layers"]) for labels, _ in info)
+    assert num_layers == tiny_hf_model.config.num_hidden_layers
+    commands, busy = stats.per_stage("commands"), stats.per_stage("busy_seconds")
+    assert all(c > 0 and b > 0 for c, b in zip(commands, busy, strict=True))
+    wait = stats.per_stage("wait_seconds")
+    assert wait[0] == 0 and wait[-1] > 0
+    assert not any(stats.per_stage("kv_blocks_used"))
+    assert stats["swapped_in_jobs"] > 0 and stats["swap_failures"] == 0, stats
+    assert stats["swap_in_bytes"] == stats["swap_out_bytes"] > 0  # every shard came back

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from testing.stack import Stack, pid_alive
 from tests.e2e.test_pipeline import PRESSURE, stage_pid
 from tests.e2e.test_swapping import PROMPTS, check_exact, run_all
-from tests.stack import Stack, pid_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -28,13 +28,13 @@ def test_killing_each_stage_mid_run_loses_no_request(tiny_model_dir, tiny_hf_mod
         deadline = time.monotonic() + 60
         while (
             time.monotonic() < deadline
-            and stack.scheduler_stats().num_finished_jobs < after_finished
+            and stack.scheduler_stats()["finished_jobs"] < after_finished
         ):
             time.sleep(0.01)
         victim = stage_pid(stack, stage)
         os.kill(victim, signal.SIGKILL)
         victims.append(victim)
-        finished_at_kill.append(stack.scheduler_stats().num_finished_jobs)
+        finished_at_kill.append(stack.scheduler_stats()["finished_jobs"])
 
     def kill_each_stage() -> None:
         kill(0, 2)
@@ -52,4 +52,4 @@ def test_killing_each_stage_mid_run_loses_no_request(tiny_model_dir, tiny_hf_mod
     for stage in (0, 1):
         assert any(f"worker{stage} exited" in line and "restart" in line for line in stack.output)
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
-    assert stats.num_recomputed_jobs > 0  # the jobs whose KV the stages lost re-prefilled
+    assert stats["recomputed_jobs"] > 0  # the jobs whose KV the stages lost re-prefilled

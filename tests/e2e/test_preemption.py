@@ -11,8 +11,8 @@ import pytest
 
 from fastserve_client import Client
 from services.frontend.tokenizer import encode_prompt
+from testing.stack import Stack
 from tests.oracle import assert_greedy_matches, hf_greedy
-from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -53,8 +53,8 @@ def test_greedy_outputs_are_exact_under_preemption(tiny_model_dir, tiny_hf_model
         assert_greedy_matches(tiny_hf_model, prompt_ids, tokens, ref)
     assert stats.policy == "skip-join-mlfq"
     # Twelve jobs for two slots: batches are mostly full, and prefill chunks add tokens.
-    assert 1.5 < stats.mean_batch_jobs <= 2
-    assert stats.mean_batch_tokens > stats.mean_batch_jobs
+    assert 1.5 < stats["mean_batch_jobs"] <= 2
+    assert stats["mean_batch_tokens"] > stats["mean_batch_jobs"]
 
 
 def _short_job_latencies(stack: Stack, num_short: int = 8) -> tuple[list[float], list[str]]:

@@ -12,7 +12,7 @@ import pytest
 from services.scheduler import profiler
 from services.scheduler.pipeline import Pipeline
 from services.scheduler.worker_link import WorkerLink
-from tests.stack import ROOT
+from testing.stack import ROOT
 
 pytestmark = [pytest.mark.e2e]
 

@@ -16,11 +16,11 @@ from fastserve.v1 import generation_pb2 as pb
 from fastserve_client import Client, InvalidArgumentError
 from services.common.health import is_serving
 from services.frontend.tokenizer import encode_prompt
+from testing.stack import Stack, pid_alive
+from testing.tiny_model import tiny_llama_variant
 from tests.e2e.test_swapping import PRESSURE, check_exact, run_all
 from tests.e2e.test_swapping import PROMPTS as SWAP_PROMPTS
 from tests.oracle import assert_greedy_matches, hf_greedy
-from tests.stack import Stack, pid_alive
-from tests.tiny_model import tiny_llama_variant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,8 +67,8 @@ def test_sixteen_concurrent_greedy_requests_match_transformers(
         assert_greedy_matches(tiny_hf_model, prompt_ids, result.token_ids, ref)
         assert result.text == tiny_tokenizer.decode(result.token_ids, skip_special_tokens=True)
     stats = stack.wait_until_idle()
-    assert stats.num_free_blocks == stats.num_total_blocks
-    assert stats.num_worker_used_blocks == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert stats["worker_kv_blocks_used"] == 0
 
 
 def test_stop_string_ends_generation_and_is_not_shown(stack):
@@ -114,14 +114,14 @@ def test_dropping_a_stream_cancels_the_job_and_frees_its_blocks(stack):
             if received >= 5:
                 break
         # Stats are a snapshot refreshed at most every 50 ms while the engine is busy.
-        busy = stack.wait_for_stats(lambda s: s.num_free_blocks < s.num_total_blocks, 5.0)
+        busy = stack.wait_for_stats(lambda s: s["kv_blocks_free"] < s["kv_blocks_total"], 5.0)
         stream.close()
-    assert busy.num_free_blocks < busy.num_total_blocks  # the job held blocks mid-stream
-    stats = stack.wait_until_idle(lambda s: s.num_cancelled_jobs > before.num_cancelled_jobs)
-    assert stats.num_cancelled_jobs == before.num_cancelled_jobs + 1
-    assert stats.num_free_blocks == stats.num_total_blocks
-    assert stats.num_worker_used_blocks == 0
-    assert stats.num_waiting_jobs == stats.num_running_jobs == 0
+    assert busy["kv_blocks_free"] < busy["kv_blocks_total"]  # the job held blocks mid-stream
+    stats = stack.wait_until_idle(lambda s: s["cancelled_jobs"] > before["cancelled_jobs"])
+    assert stats["cancelled_jobs"] == before["cancelled_jobs"] + 1
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert stats["worker_kv_blocks_used"] == 0
+    assert stats["waiting_jobs"] == stats["running_jobs"] == 0
 
 
 BAD_REQUESTS = [
@@ -280,11 +280,11 @@ def test_a_killed_worker_is_restarted_and_every_request_completes(
     def kill_mid_run():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
-            spare_stack.scheduler_stats().num_finished_jobs < before.num_finished_jobs + 2
+            spare_stack.scheduler_stats()["finished_jobs"] < before["finished_jobs"] + 2
         ):
             time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
-        killed.append(spare_stack.scheduler_stats().num_finished_jobs - before.num_finished_jobs)
+        killed.append(spare_stack.scheduler_stats()["finished_jobs"] - before["finished_jobs"])
 
     outputs = run_all(spare_stack, pause=kill_mid_run)
     stats = spare_stack.wait_until_idle()
@@ -292,7 +292,7 @@ def test_a_killed_worker_is_restarted_and_every_request_completes(
     assert not pid_alive(victim) and worker_pid() != victim
     assert any("worker exited" in line and "restart" in line for line in spare_stack.output)
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
-    assert stats.num_recomputed_jobs > before.num_recomputed_jobs  # lost KV re-prefilled
+    assert stats["recomputed_jobs"] > before["recomputed_jobs"]  # lost KV re-prefilled
 
 
 def test_every_service_serves_health_and_reflection(stack):

@@ -14,9 +14,9 @@ import pytest
 
 from fastserve_client import Client
 from services.frontend.tokenizer import encode_prompt
-from tests.kvstore.redis_server import redis_server
+from testing.redis_server import redis_server
+from testing.stack import Stack, pid_alive
 from tests.oracle import assert_greedy_matches, hf_greedy
-from tests.stack import Stack, pid_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -62,9 +62,9 @@ def test_swapped_jobs_keep_exact_output_in_memory(
         assert stack.stop() == 0
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
     assert stats.kv_policy == kv_policy
-    assert stats.num_swapped_in_jobs >= len(PROMPTS) // 2, stats
-    assert stats.num_swap_failures == 0 and stats.num_recomputed_jobs == 0
-    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_host_jobs == 0
+    assert stats["swapped_in_jobs"] >= len(PROMPTS) // 2, stats
+    assert stats["swap_failures"] == 0 and stats["recomputed_jobs"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["host_jobs"] == 0
 
 
 def test_swapped_jobs_keep_exact_output_through_redis(
@@ -78,7 +78,7 @@ def test_swapped_jobs_keep_exact_output_through_redis(
         finally:
             assert stack.stop() == 0
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
-    assert stats.num_swapped_in_jobs >= len(PROMPTS) // 2 and stats.num_swap_failures == 0
+    assert stats["swapped_in_jobs"] >= len(PROMPTS) // 2 and stats["swap_failures"] == 0
 
 
 def test_killing_the_kvstore_mid_run_loses_no_request(
@@ -95,7 +95,7 @@ def test_killing_the_kvstore_mid_run_loses_no_request(
     def kill_when_swapping():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if stack.scheduler_stats().num_swapped_out_jobs >= 2:
+            if stack.scheduler_stats()["swapped_out_jobs"] >= 2:
                 break
             time.sleep(0.01)
         os.kill(kvstore_pid, signal.SIGKILL)
@@ -111,4 +111,4 @@ def test_killing_the_kvstore_mid_run_loses_no_request(
     assert len(restarted) == 4  # the launcher started a new kvstore
     assert any("kvstore exited" in line and "restarting" in line for line in stack.output)
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
-    assert stats.num_swapped_out_jobs >= 2
+    assert stats["swapped_out_jobs"] >= 2

@@ -31,7 +31,7 @@ def test_completion_defaults_and_extras():
     assert request.prompt == "hi" and request.prompt_ids is None
     assert request.sampling.max_tokens == 5
     assert request.sampling.stop == ("x",)
-    assert request.sampling.top_k == 0
+    assert request.sampling.params.top_k == 0
     assert request.sampling.ignore_eos
     assert request.priority == 3
     assert request.stream and request.include_usage

@@ -28,6 +28,7 @@ from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
 from services.common.model_source import resolve_model
+from services.common.sampling import SamplingParams
 from services.frontend.generation import Delta, GenerationCore
 from services.frontend.main import Frontend, add_arguments
 from services.frontend.tokenizer import ModelTokenizer
@@ -112,10 +113,8 @@ class ScriptedLink:
 
 
 def sampling(stop: Sequence[str] = (), logprobs: bool = True) -> SamplingRequest:
-    return SamplingRequest(
-        max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=tuple(stop),
-        ignore_eos=True, logprobs=logprobs, top_logprobs=1 if logprobs else 0,
-    )  # fmt: skip
+    params = SamplingParams(logprobs=logprobs, top_logprobs=1 if logprobs else 0)
+    return SamplingRequest(max_tokens=64, stop=tuple(stop), ignore_eos=True, params=params)
 
 
 def run_core(model, script, stop: Sequence[str] = ()) -> tuple[list[Delta], ScriptedLink]:

@@ -11,8 +11,9 @@ GOOD = dict(
 
 
 def test_defaults():
-    params = check_sampling(**GOOD)
-    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (
+    request = check_sampling(**GOOD)
+    params = request.params
+    assert (params.temperature, params.top_p, params.top_k, request.max_tokens) == (
         1.0,
         1.0,
         0,

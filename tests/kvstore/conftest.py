@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.kvstore.redis_server import find_redis_server, redis_server
+from testing.redis_server import find_redis_server, redis_server
 
 _prefixes = itertools.count()
 

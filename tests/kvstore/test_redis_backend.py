@@ -12,9 +12,9 @@ import redis
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
 from services.kvstore.client import KVStoreClient
 from services.kvstore.redis_backend import RedisBackend, decode_header, encode_header, redact_url
+from testing.kvstore_process import run_kvstore_to_exit, start_kvstore, stop_kvstore
+from testing.redis_server import free_port, redis_server
 from tests.kvstore.conftest import require_redis_server
-from tests.kvstore.kvstore_process import run_kvstore_to_exit, start_kvstore, stop_kvstore
-from tests.kvstore.redis_server import free_port, redis_server
 
 MIB = 1024 * 1024
 

@@ -19,7 +19,7 @@ from fastserve.kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.kvstore.backend import BlockKey, StoreFullError, TensorMeta
 from services.kvstore.client import CHANNEL_OPTIONS, KVStoreClient, ShmUnavailableError
 from services.kvstore.shm import write_file
-from tests.kvstore.kvstore_process import KVStoreProcess, start_kvstore, stop_kvstore
+from testing.kvstore_process import KVStoreProcess, start_kvstore, stop_kvstore
 
 pytestmark = pytest.mark.e2e
 

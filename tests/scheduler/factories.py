@@ -1,10 +1,11 @@
-"""Cheap builders for the scheduler's pure core (STYLE 9)."""
+"""Cheap builders for the scheduler's pure core."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.scheduler.core import Decision, Event, Job, SchedulerConfig, SchedulerCore
+from services.scheduler.core import Decision, Event, Job, Policy, SchedulerConfig, SchedulerCore
+from services.scheduler.core.policies import make_policy
 
 STOP_TOKEN = 2
 
@@ -22,12 +23,15 @@ def property_settings(max_examples: int):
     )
 
 
-def make_scheduler(**overrides) -> SchedulerCore:
+def make_scheduler(policy: str | Policy = "fcfs", clock=None, **overrides) -> SchedulerCore:
+    """A core with small defaults; `policy` is a name or a Policy."""
     values = dict(num_blocks=64, block_size=4, max_model_len=256, max_batch_size=4)
     values.update(overrides)
-    policy = values.pop("policy_obj", None)
-    clock = values.pop("clock", None)
     config = SchedulerConfig(**values)
+    if isinstance(policy, str):
+        policy = make_policy(
+            policy, max_model_len=config.max_model_len, max_batch_size=config.max_batch_size
+        )
     if clock is None:
         return SchedulerCore(config, policy)
     return SchedulerCore(config, policy, clock=clock)
@@ -82,7 +86,8 @@ class SimWorker:
     """A worker made of dictionaries: a device pool of blocks holding token ids, a kvstore,
     and swaps that finish `swap_delay` iterations later (or fail at random). The fake model
     reads a job's history from its blocks, so any bookkeeping error in block tables, swaps or
-    recompute changes the output."""
+    recompute changes the output. Like a real worker it holds each job's sampling settings from
+    the chunk that brought them until the job is freed, and fails on a chunk without them."""
 
     def __init__(self, block_size: int, swap_delay: int = 1, fail_every: int = 0) -> None:
         self.block_size = block_size
@@ -93,6 +98,7 @@ class SimWorker:
         self._pending: list[tuple[int, object, bool]] = []  # (due iteration, result, is_in)
         self._num_swaps = 0
         self.iteration = 0
+        self.sampling: dict[str, object] = {}  # job id -> its settings, as the worker holds them
 
     def _block(self, block_id: int) -> list[int | None]:
         return self.pool.setdefault(block_id, [None] * self.block_size)
@@ -107,6 +113,7 @@ class SimWorker:
         self.iteration += 1
         for job_id in decision.free_job_ids:
             self.store.pop(job_id, None)
+            self.sampling.pop(job_id, None)
         for move in decision.swap_out:  # copied off the device before the step
             copy = [list(self._block(b)) for b in move.block_ids]
             for b in move.block_ids:
@@ -126,6 +133,9 @@ class SimWorker:
             self._pending.append((self.iteration + self.swap_delay, result, True))
         sampled = {}
         for chunk in decision.chunks:
+            if chunk.sampling is not None:
+                self.sampling[chunk.job_id] = chunk.sampling
+            assert chunk.job_id in self.sampling, f"{chunk.job_id}: sampling settings not sent"
             for offset, token in enumerate(chunk.token_ids):
                 pos = chunk.start_pos + offset
                 self._block(chunk.block_ids[pos // self.block_size])[pos % self.block_size] = token

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.scheduler.core import EventKind, Job, KvState, SchedulerConfig, SchedulerCore
-from services.scheduler.core.kv_planner import SwapCostModel
 from services.scheduler.core.profile import PerformanceProfile
+from services.scheduler.core.swap_cost import SwapCostModel
 
 from .factories import SimWorker, property_settings
 from .test_core import reference_output
@@ -81,7 +81,7 @@ def test_swaps_lose_nothing_and_outputs_stay_exact(
     assert stats.num_free_blocks == num_blocks and stats.num_swaps_in_flight == 0
     assert not worker.store  # every kvstore copy was released
     if kv_policy == "recompute":
-        assert stats.num_swapped_out_jobs == 0
+        assert stats.counters.num_swapped_out_jobs == 0
 
 
 def test_pressure_swaps_out_instead_of_recomputing_and_brings_jobs_back():
@@ -91,8 +91,8 @@ def test_pressure_swaps_out_instead_of_recomputing_and_brings_jobs_back():
     workload = [Arrival(0, 10, 20), Arrival(0, 10, 20), Arrival(0, 10, 20)]
     jobs, outputs, _ = drive(core, worker, workload, clock)
     stats = core.stats()
-    assert stats.num_swapped_out_jobs > 0 and stats.num_swapped_in_jobs > 0
-    assert stats.num_recomputed_jobs == 0
+    assert stats.counters.num_swapped_out_jobs > 0 and stats.counters.num_swapped_in_jobs > 0
+    assert stats.counters.num_recomputed_jobs == 0
     assert all(outputs[j] == reference_output(job) for j, job in jobs.items())
 
 
@@ -122,7 +122,7 @@ def test_proactive_prefetches_the_next_job_before_it_is_needed():
         clock.tick()
         sampled, done = worker.run(decision)
         core.update(decision, sampled, done)
-    assert core.stats().num_swapped_in_jobs > 0
+    assert core.counters.num_swapped_in_jobs > 0
     assert prefetched_early  # a swap-in started while another job ran
 
 
@@ -133,6 +133,6 @@ def test_a_failed_swap_in_falls_back_to_recompute():
     workload = [Arrival(0, 10, 20), Arrival(0, 10, 20), Arrival(0, 10, 20)]
     jobs, outputs, _ = drive(core, worker, workload, clock)
     stats = core.stats()
-    assert stats.num_swap_failures > 0 and stats.num_recomputed_jobs > 0
+    assert stats.counters.num_swap_failures > 0 and stats.counters.num_recomputed_jobs > 0
     assert all(outputs[j] == reference_output(job) for j, job in jobs.items())
     assert all(job.kv_state is KvState.NONE or job.is_finished for job in jobs.values())

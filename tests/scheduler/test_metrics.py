@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.scheduler.engine import Engine, EngineStats, StageView
+from services.frontend.metrics import SchedulerStatsCollector
+from services.scheduler.core import SchedulerStats
+from services.scheduler.core.stats import Counters
+from services.scheduler.engine import Engine
+from services.scheduler.engine_stats import EngineStats, StageView
 from services.scheduler.metrics import make_registry
 from services.scheduler.pipeline import Pipeline
+from services.scheduler.server import SchedulerServicer
 from services.scheduler.worker_link import WorkerInfo
 from tests.scheduler.factories import make_jobs, make_scheduler, run_iteration
 
@@ -40,24 +45,32 @@ def stage(index: int, **overrides) -> StageView:
 
 
 def test_collector_exports_counters_gauges_levels_and_stages():
+    check_exported_series()
+
+
+def check_exported_series():
     stats = EngineStats(
-        num_waiting_jobs=5,
-        num_running_jobs=3,
-        num_total_blocks=64,
-        num_free_blocks=40,
-        num_iterations=1000,
-        num_finished_jobs=17,
-        num_recomputed_jobs=2,
-        num_swapped_out_jobs=4,
+        core=SchedulerStats(
+            counters=Counters(
+                num_iterations=1000,
+                num_finished_jobs=17,
+                num_recomputed_jobs=2,
+                num_swapped_out_jobs=4,
+                num_preemptions=6,
+            ),
+            num_waiting_jobs=5,
+            num_running_jobs=3,
+            num_total_blocks=64,
+            num_free_blocks=40,
+            mean_iteration_s=0.025,
+            mean_batch_jobs=3.5,
+            mean_batch_tokens=40.25,
+            num_preempted_jobs=2,
+            num_jobs_per_level=(1, 0, 4),
+        ),
         swap_out_bytes=1 << 20,
         swap_in_bytes=1 << 19,
-        mean_iteration_ms=25.0,
-        mean_forward_ms=20.0,
-        mean_batch_jobs=3.5,
-        mean_batch_tokens=40.25,
-        num_preempted_jobs=2,
-        num_preemptions=6,
-        num_jobs_per_level=(1, 0, 4),
+        mean_forward_s=0.02,
         stages=(stage(0), stage(1, num_total_blocks=80), stage(2, num_total_blocks=0)),
     )
     metrics = scrape(stats)
@@ -91,6 +104,42 @@ def test_collector_exports_counters_gauges_levels_and_stages():
     assert value("stage_commands_total", stage="0") == 100
     info = {"stage": "1", "address": "10.0.0.1:50061", "first_layer": "4", "num_layers": "4"}
     assert value("stage_info", **info) == 1
+    return stats, metrics
+
+
+def test_the_stats_rpc_carries_every_series_the_metrics_port_exports():
+    """One table drives both: what a frontend re-exports from the Stats RPC is, name for name
+    and value for value, what the scheduler's own /metrics port says."""
+    stats, own = check_exported_series()
+
+    class FakeEngine:
+        pass
+
+    engine = FakeEngine()
+    engine.stats = stats
+    response = SchedulerServicer(engine, "fcfs", 16, "recompute").Stats(None, None)
+    assert (response.policy, response.block_size_tokens, response.kv_policy) == (
+        "fcfs",
+        16,
+        "recompute",
+    )
+    collector = SchedulerStatsCollector()
+    collector.stats = response
+    registry = CollectorRegistry()
+    registry.register(collector)
+    relayed = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert relayed.pop(("fastserve_scheduler_up", ())) == 1
+    assert relayed == own
+    families = {
+        family.name: family.type
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    assert families["fastserve_scheduler_finished_jobs"] == "counter"
+    assert families["fastserve_scheduler_queue_depth"] == "gauge"
 
 
 def worker_info(stage_index: int, num_blocks: int) -> WorkerInfo:
@@ -134,10 +183,10 @@ def test_engine_snapshot_gives_each_stage_its_own_pool_size():
 
 
 def test_collector_reads_the_latest_snapshot_at_each_scrape():
-    current = [EngineStats(num_finished_jobs=1)]
+    current = [EngineStats(core=SchedulerStats(Counters(num_finished_jobs=1)))]
     registry = make_registry(lambda: current[0])
     assert b"fastserve_scheduler_finished_jobs_total 1.0" in generate_latest(registry)
-    current[0] = EngineStats(num_finished_jobs=2)  # the engine replaces it whole
+    current[0] = EngineStats(core=SchedulerStats(Counters(num_finished_jobs=2)))  # replaced whole
     assert b"fastserve_scheduler_finished_jobs_total 2.0" in generate_latest(registry)
 
 
@@ -175,5 +224,5 @@ def test_core_counts_preempted_jobs_and_preemptions():
         seen_preempted = max(seen_preempted, core.stats().num_preempted_jobs)
     assert seen_preempted == 1  # the second job, evicted once by the first
     stats = core.stats()
-    assert stats.num_preemptions == second.num_preemptions == 1
+    assert stats.counters.num_preemptions == second.num_preemptions == 1
     assert stats.num_preempted_jobs == 0  # nobody left

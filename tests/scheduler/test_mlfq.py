@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.core import EventKind, Job
+from services.scheduler.core.baselines import FcfsPolicy, SrptOraclePolicy
 from services.scheduler.core.mlfq import MlfqOptions, MlfqPolicy
-from services.scheduler.core.policy import FcfsPolicy, SrptOraclePolicy, make_policy
+from services.scheduler.core.policies import make_policy
 from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
 
 from .factories import make_jobs, make_scheduler, run_iteration
@@ -80,7 +81,7 @@ def test_skip_join_places_long_prompts_lower():
 
 def test_new_short_job_preempts_a_demoted_long_one_at_the_next_token():
     clock = SimClock()
-    core = make_scheduler(policy_obj=mlfq(), max_batch_size=1, clock=clock)
+    core = make_scheduler(policy=mlfq(), max_batch_size=1, clock=clock)
     (long,) = make_jobs(1, prompt_len=4, max_tokens=200)
     core.add_job(long)
 

@@ -94,10 +94,9 @@ def simulate(workload: list[Arrival], core, clock: SimClock, observe=None):
 )
 def test_no_job_is_lost_or_duplicated_and_outputs_are_exact(workload, policy, num_blocks):
     clock = SimClock()
-    policy_obj = make_policy(policy) if "mlfq" in policy else None
     core = make_scheduler(
         num_blocks=num_blocks, block_size=4, max_batch_size=3, max_batched_tokens=24,
-        policy=policy if policy_obj is None else "fcfs", policy_obj=policy_obj, clock=clock,
+        policy=make_policy(policy) if "mlfq" in policy else policy, clock=clock,
     )  # fmt: skip
     jobs, history = simulate(workload, core, clock)
     finished = [e.job_id for _, events in history for e in events if e.kind is EventKind.FINISHED]
@@ -122,7 +121,7 @@ def test_a_higher_priority_job_is_passed_over_only_when_blocked(workload, backfi
     clock = SimClock()
     core = make_scheduler(
         num_blocks=num_blocks, block_size=4, max_batch_size=3, max_batched_tokens=200,
-        policy_obj=make_policy("skip-join-mlfq"), backfill=backfill, clock=clock,
+        policy=make_policy("skip-join-mlfq"), backfill=backfill, clock=clock,
     )  # fmt: skip
     pairs = []  # the policy's order just before each decision (order() is idempotent)
 
@@ -191,7 +190,7 @@ def test_with_promotion_no_job_waits_past_the_threshold_plus_one_iteration(workl
     batch = 3
     core = make_scheduler(
         num_blocks=400, block_size=4, max_batch_size=batch,
-        max_batched_tokens=batch * 40, policy_obj=make_policy("skip-join-mlfq", threshold),
+        max_batched_tokens=batch * 40, policy=make_policy("skip-join-mlfq", threshold),
         clock=clock,
     )  # fmt: skip
     last_ran: dict[str, float] = {}

@@ -9,14 +9,14 @@ import random
 import pytest
 
 from services.frontend.tokenizer import encode_prompt
-from services.scheduler.core import Job, SchedulerConfig, SchedulerCore, SwapResult
-from services.worker.batch import Sampling, SeqChunk
+from services.scheduler.core import Job, Policy, SchedulerConfig, SchedulerCore
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
+from testing.local_pipeline import LocalPipeline
 from tests.oracle import assert_greedy_matches, hf_greedy
 
 
-class ShufflingPolicy:
+class ShufflingPolicy(Policy):
     """Orders jobs at random each iteration (a worst case for preemption)."""
 
     name = "shuffle"
@@ -37,12 +37,6 @@ class ShufflingPolicy:
         self._rng.shuffle(jobs)
         return jobs
 
-    def on_iteration(self, ran, elapsed_s, now):
-        pass
-
-    def level(self, job):
-        return 0
-
 
 @pytest.mark.parametrize(("num_blocks", "seed"), [(40, 1), (40, 2), (10, 3)])
 def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
@@ -50,6 +44,8 @@ def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
 ):
     block_size = 16
     executor = Executor(ModelRunner(tiny_hf_model, num_blocks=num_blocks, block_size=block_size))
+    pipeline = LocalPipeline([executor])
+    pipeline.open()
     config = SchedulerConfig(
         num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
         max_batched_tokens=64,
@@ -65,20 +61,15 @@ def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
     mixed_batches = 0
     while core.has_work():
         decision = core.schedule()
-        executor.free(decision.free_job_ids)
         sizes = [len(c.token_ids) for c in decision.chunks]
         mixed_batches += 1 in sizes and any(n > 1 for n in sizes)
-        output = executor.step(
-            [
-                SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, Sampling())
-                for c in decision.chunks
-            ]
-        )
-        for event in core.update(decision, dict(output.tokens)):
+        result = pipeline.execute(decision)
+        for event in core.update(decision, result.tokens):
             outputs[event.job_id].extend(event.token_ids)
+    pipeline.close()
     assert mixed_batches > 0
     if num_blocks == 10:
-        assert core.stats().num_recomputed_jobs > 0
+        assert core.counters.num_recomputed_jobs > 0
     for job in jobs:
         ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
         assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, outputs[job.job_id], ref)
@@ -99,7 +90,8 @@ def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
     server, port = serve("127.0.0.1:0", capacity_bytes=1 << 30)
     num_blocks, block_size = 10, 16
     runner = ModelRunner(tiny_hf_model, num_blocks=num_blocks, block_size=block_size)
-    executor = Executor(runner, Swapper(runner.kv_cache, f"127.0.0.1:{port}"))
+    pipeline = LocalPipeline([Executor(runner, Swapper(runner.kv_cache, f"127.0.0.1:{port}"))])
+    pipeline.open()
     # A profile where recomputing is dear, so every eviction swaps.
     dear_prefill = PerformanceProfile(prefill_s=((1, 1.0), (512, 512.0)), decode_s=((1, 0.01),))
     config = SchedulerConfig(
@@ -122,28 +114,15 @@ def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
             decision = core.schedule()
             if decision.is_empty:
                 time.sleep(0.002)
-            executor.free(decision.free_job_ids)
-            for move in decision.swap_out:
-                executor.swap_out(move.job_id, move.block_ids)
-            for move in decision.swap_in:
-                executor.swap_in(move.job_id, move.block_ids)
-            output = executor.step(
-                [
-                    SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, Sampling())
-                    for c in decision.chunks
-                ]
-            )
-            swaps = [
-                SwapResult(d.job_id, d.swap_in, d.ok, d.num_bytes, d.duration_s)
-                for d in executor.poll_swaps()
-            ]
-            for event in core.update(decision, dict(output.tokens), swaps):
+            result = pipeline.execute(decision)  # an empty one still reports finished swaps
+            for event in core.update(decision, result.tokens, result.swaps_done):
                 outputs[event.job_id].extend(event.token_ids)
     finally:
+        pipeline.close()
         server.stop(0)
     stats = core.stats()
-    assert stats.num_swapped_in_jobs >= 3 and stats.num_swap_failures == 0
-    assert stats.num_recomputed_jobs == 0
+    assert stats.counters.num_swapped_in_jobs >= 3 and stats.counters.num_swap_failures == 0
+    assert stats.counters.num_recomputed_jobs == 0
     for job in jobs:
         ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
         assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, outputs[job.job_id], ref)

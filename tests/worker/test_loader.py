@@ -15,7 +15,7 @@ from services.worker.models.loader import (
     load_serving_model,
     load_weights,
 )
-from tests.tiny_model import tiny_llama_config
+from testing.tiny_model import tiny_llama_config
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from services.common.model_source import load_model, resolve_model
-from services.worker.batch import GREEDY, Sampling, SeqChunk
+from services.common.sampling import GREEDY, SamplingParams
+from services.worker.batch import SeqChunk
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import sample
+from testing.tiny_model import tiny_llama_dir
 from tests.oracle import assert_greedy_matches, hf_greedy, hf_next_logits
-from tests.tiny_model import tiny_llama_dir
 
 # The last job joins after the first has finished, so it runs on that job's freed blocks.
 PROMPT_LENS = (1, 9, 23, 40, 17, 12)
@@ -50,7 +51,7 @@ def drive(
     num_new: int = NUM_NEW,
     chunk_size: int | None = None,
     join_steps: Sequence[int] | None = None,
-    sampling: Sampling = GREEDY,
+    sampling: SamplingParams = GREEDY,
     seed: int = 0,
 ) -> _Trace:
     """Runs prompts to `num_new` tokens each the way a scheduler would: jobs join at their step,
@@ -209,7 +210,7 @@ def test_half_precision_matches_hf_and_starts_like_float32(
 def test_seeded_sampling_is_keyed_by_position_not_batch(llama, llama_prompts):
     """Seeded random sampling gives the same tokens whatever the batch, block size or chunking,
     and the first token is what the sampler draws from HF's logits at that position."""
-    sampling = Sampling(temperature=1.5, top_p=0.9, seed=1234)
+    sampling = SamplingParams(temperature=1.5, top_p=0.9, seed=1234)
     prompts = llama_prompts[1:4]
     alone = [
         drive(ModelRunner(llama, num_blocks=16, block_size=16), [p], sampling=sampling).outputs[0]

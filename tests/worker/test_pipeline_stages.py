@@ -6,19 +6,19 @@ short); greedy output must equal transformers' whole-model output."""
 from __future__ import annotations
 
 import socket
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from services.common.sampling import GREEDY
 from services.frontend.tokenizer import encode_prompt
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
-from services.worker.batch import Sampling, SeqChunk
+from services.worker.batch import SeqChunk
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
 from services.worker.stage_layout import parse_layer_split, split_layers
+from testing.local_pipeline import LocalPipeline
 from tests.oracle import assert_greedy_matches, hf_greedy
 from tests.worker.test_core_with_runner import ShufflingPolicy
 
@@ -55,27 +55,11 @@ def make_stages(model, layer_split: list[int], num_blocks: int, block_size: int)
     return executors
 
 
-class Pipeline:
-    """Runs one command on every stage at once, as the worker processes would."""
-
-    def __init__(self, executors: list[Executor]) -> None:
-        self.executors = executors
-        self.pool = ThreadPoolExecutor(len(executors))
-
-    def all(self, fn):
-        futures = [self.pool.submit(fn, executor) for executor in self.executors]
-        return [f.result(timeout=60) for f in futures]
-
-    def reset(self) -> None:
-        pipeline_id = uuid.uuid4().hex
-        self.all(lambda e: e.reset(pipeline_id))
-
-
 @pytest.mark.parametrize("layer_split", [[2, 2], [1, 2, 1]])
 def test_stages_give_the_whole_models_greedy_output(tiny_hf_model, tiny_tokenizer, layer_split):
     block_size, num_blocks = 16, 6
-    pipeline = Pipeline(make_stages(tiny_hf_model, layer_split, num_blocks, block_size))
-    pipeline.reset()
+    pipeline = LocalPipeline(make_stages(tiny_hf_model, layer_split, num_blocks, block_size))
+    pipeline.open()  # the stages form their group
     config = SchedulerConfig(
         num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
         max_batched_tokens=48,
@@ -91,21 +75,14 @@ def test_stages_give_the_whole_models_greedy_output(tiny_hf_model, tiny_tokenize
     waits = []
     while core.has_work():
         decision = core.schedule()
-        chunks = [
-            SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, Sampling())
-            for c in decision.chunks
-        ]
-
-        def run(executor, decision=decision, chunks=chunks):
-            executor.free(decision.free_job_ids)
-            return executor.step(chunks)
-
-        results = pipeline.all(run)
+        result = pipeline.execute(decision)
+        results = pipeline.stage_results
         assert all(not r.tokens for r in results[:-1]), "only the last stage samples"
         waits.append([r.wait_s for r in results])
-        for event in core.update(decision, dict(results[-1].tokens)):
+        for event in core.update(decision, result.tokens):
             outputs[event.job_id].extend(event.token_ids)
-    assert core.stats().num_recomputed_jobs > 0  # the pool is small enough to force recompute
+    pipeline.close()
+    assert core.counters.num_recomputed_jobs > 0  # the pool is small enough to force recompute
     assert all(w[0] == 0.0 for w in waits)  # stage 0 never waits for activations
     for job in jobs:
         ref = hf_greedy(tiny_hf_model, job.prompt_token_ids, job.max_tokens)
@@ -129,6 +106,6 @@ def test_a_stage_sheds_the_weights_it_never_runs(tiny_hf_model):
 
 def test_a_step_before_the_group_is_formed_is_refused(tiny_hf_model):
     executors = make_stages(tiny_hf_model, [2, 2], num_blocks=4, block_size=16)
-    chunk = SeqChunk("j", [5, 6], 0, [0], True, Sampling())
+    chunk = SeqChunk("j", [5, 6], 0, [0], True, GREEDY)
     with pytest.raises(RuntimeError, match="not formed"):
         executors[0].step([chunk])

@@ -15,7 +15,7 @@ import torch
 
 from services.worker.kv_cache import KVCache
 from services.worker.swapper import SwapDone, Swapper
-from tests.kvstore.kvstore_process import KVStoreProcess, start_kvstore, stop_kvstore
+from testing.kvstore_process import KVStoreProcess, start_kvstore, stop_kvstore
 
 pytestmark = pytest.mark.e2e
 

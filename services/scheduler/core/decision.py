@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from services.scheduler.core.job import FinishReason, SamplingParams
+from services.common.sampling import SamplingParams, TokenLogprobs
+from services.scheduler.core.job import FinishReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +18,9 @@ class ScheduledChunk:
     start_pos: int  # tokens already in the job's KV cache (position of token_ids[0])
     block_ids: list[int]  # block table covering start_pos + len(token_ids) tokens
     sample: bool  # sample a next token after this chunk (false for a non-final prompt chunk)
-    sampling: SamplingParams  # how to sample
+    # How to sample: sent with a job's first chunk after the workers last forgot the job (it
+    # started, was recomputed, or the workers were reset); None when they hold it already.
+    sampling: SamplingParams | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,20 +78,12 @@ class EventKind(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """A sampled token's log-probability and the most likely alternatives (as the worker
-    reports them; the core only passes them on)."""
-
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True, slots=True)
 class Event:
     """Something a frontend must hear about one of its jobs."""
 
     job_id: str
     kind: EventKind
+    owner: str = ""  # the job's owner (Job.owner), whom the event goes to
     token_ids: list[int] = field(default_factory=list)  # TOKENS, FINISHED
     queue_level: int = 0  # QUEUED
     finish_reason: FinishReason | None = None  # FINISHED

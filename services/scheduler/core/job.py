@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from services.common.sampling import SamplingParams
+
 
 class JobStatus(Enum):
     WAITING = "waiting"  # admitted, never ran
@@ -34,26 +36,6 @@ class FinishReason(Enum):
     ABORTED = "aborted"  # the scheduler gave up on it
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 is greedy
-    top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # 0 disables
-    seed: int | None = None  # reproducible sampling when set
-    logprobs: bool = False  # the worker returns each sampled token's log-probability
-    top_logprobs: int = 0  # ... and this many most likely alternatives (<= 20)
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0 <= self.top_logprobs <= 20:
-            raise ValueError("top_logprobs must be in [0, 20]")
-
-
 @dataclass(slots=True)
 class Job:
     job_id: str
@@ -62,6 +44,7 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    owner: str = ""  # who submitted it and hears its events (a frontend's connection id)
     arrival_time: float = 0.0
     # Mutable state, owned by SchedulerCore.
     output_token_ids: list[int] = field(default_factory=list)
@@ -73,6 +56,7 @@ class Job:
     kv_state: KvState = KvState.NONE
     num_host_blocks: int = 0  # blocks held in the kvstore while swapped out
     num_swaps: int = 0  # swap-outs so far
+    sampling_sent: bool = False  # the workers hold its sampling settings
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -1,4 +1,4 @@
-"""Where each job's KV lives, and what to do when device blocks run short (DESIGN.md s. 6).
+"""Where each job's KV lives, and what to do when device blocks run short.
 
 KvMemory owns the device block pool's accounting and every job's KV state. Under pressure it
 evicts jobs behind the one that needs room: with swapping on, the victim expected to run last
@@ -12,71 +12,23 @@ the blocks) makes the job recompute from its token ids: nothing is lost but time
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from services.scheduler.core.block_manager import BlockManager
-from services.scheduler.core.decision import BlockMove, ScheduledChunk, SwapResult
+from services.scheduler.core.config import SchedulerConfig
+from services.scheduler.core.decision import BlockMove, SwapResult
 from services.scheduler.core.job import Job, KvState
-from services.scheduler.core.kv_planner import SwapCostModel
-
-if TYPE_CHECKING:
-    from services.scheduler.core.policy import Policy
-    from services.scheduler.core.scheduler import SchedulerConfig
-
-
-@dataclass(slots=True)
-class Plan:
-    """The decision being built in one schedule() call."""
-
-    order: list[Job]  # the policy's order this iteration
-    budget: int = 0  # tokens left
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    scheduled: set[str] = field(default_factory=set)
-    blocked: list[str] = field(default_factory=list)
-    swap_out: list[BlockMove] = field(default_factory=list)
-    swap_in: list[BlockMove] = field(default_factory=list)
-    swapping_in: set[str] = field(default_factory=set)
-    # A job could not get blocks this iteration: blocks freed from now on are its by right,
-    # so no job behind it may swap in (else swap-ins of lower jobs can starve it forever).
-    short_of_blocks: bool = False
-    policy: Policy | None = None  # for ENST
-    now: float = 0.0
-    # Jobs with nothing computed wait for free blocks rather than drop others' KV; cleared
-    # when that leaves nothing to run (see KvMemory.make_room).
-    protect_progress: bool = True
-    _ranks: dict[str, int] | None = None
-    _enst: dict[str, float] | None = None
-
-    def rank(self, job: Job) -> int:
-        if self._ranks is None:
-            self._ranks = {other.job_id: i for i, other in enumerate(self.order)}
-        return self._ranks[job.job_id]
-
-    def enst(self, job: Job) -> float:
-        """Estimated time until the job is next scheduled; by rank when the policy has no
-        better estimate (only the order of these values is used)."""
-        if self._enst is None:
-            estimate = getattr(self.policy, "enst", None)
-            self._enst = (
-                estimate(self.order, self.now)
-                if estimate is not None
-                else {other.job_id: float(i) for i, other in enumerate(self.order)}
-            )
-        return self._enst[job.job_id]
+from services.scheduler.core.plan import Plan
+from services.scheduler.core.stats import Counters
+from services.scheduler.core.swap_cost import SwapCostModel
 
 
 class KvMemory:
-    def __init__(self, config: SchedulerConfig, costs: SwapCostModel) -> None:
+    def __init__(self, config: SchedulerConfig, costs: SwapCostModel, counters: Counters) -> None:
         self.config = config
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.costs = costs
         self.pending_free: list[str] = []  # jobs whose worker blocks / kvstore copy to release
         self.swaps_in_flight: set[str] = set()
-        self.num_recomputed = 0
-        self.num_swapped_out = 0
-        self.num_swapped_in = 0
-        self.num_swap_failures = 0
+        self.counters = counters
 
     def take_pending_free(self) -> list[str]:
         pending, self.pending_free = self.pending_free, []
@@ -86,12 +38,13 @@ class KvMemory:
         """A finished or cancelled job: its device blocks and any kvstore copy go."""
         if job.block_ids or job.kv_state is not KvState.NONE:
             self.blocks.free(job)
-            self.pending_free.append(job.job_id)
+            self._free_on_workers(job)
         self.swaps_in_flight.discard(job.job_id)
 
     def recompute_all(self, jobs: list[Job]) -> None:
         """The worker lost its device KV; KV already in the kvstore stays usable."""
         for job in jobs:
+            job.sampling_sent = False  # the workers were reset
             if job.kv_state not in (KvState.HOST, KvState.NONE):
                 self.blocks.free(job)
                 self.drop_kv(job)
@@ -108,11 +61,11 @@ class KvMemory:
         rank = plan.rank(job)
         # NOTE: a job with nothing computed yet (an arrival, or one already recomputed) takes
         # only free blocks or swapped-out ones, never dropped KV, unless it is starving or
-        # nothing else can run. Under MLFQ every arrival outranks the jobs it demoted; letting
-        # arrivals drop their KV made those come back by starvation promotion and drop others'
-        # in turn (in bench/simulate.py skip-join MLFQ with recompute ran 2.5-5x slower than
-        # fcfs under memory pressure).
-        spare = plan.protect_progress and job.num_computed_tokens == 0 and not _starving(plan, job)
+        # nothing else can run. Under MLFQ every arrival outranks the jobs it demoted: if
+        # arrivals could drop their KV, those would come back by starvation promotion and drop
+        # others' in turn, and the policy would thrash
+        # (docs/results/scheduling-smollm2.md, "Under memory pressure, in the simulator").
+        spare = plan.protect_progress and job.num_computed_tokens == 0 and not plan.is_starving(job)
         victims = [
             other
             for other in plan.order[rank + 1 :]
@@ -145,7 +98,7 @@ class KvMemory:
             self.blocks.free(job)
             job.kv_state = KvState.SWAPPING_OUT
             job.num_swaps += 1
-            self.num_swapped_out += 1
+            self.counters.num_swapped_out_jobs += 1
             self.swaps_in_flight.add(job.job_id)
         else:
             self.preempt_by_recompute(job)
@@ -212,34 +165,31 @@ class KvMemory:
         if job.kv_state is not expected:
             return
         if not result.ok:  # the kvstore is full, gone, or lost the blocks: recompute
-            self.num_swap_failures += 1
+            self.counters.num_swap_failures += 1
             if result.swap_in:
                 self.blocks.free(job)
-                self.pending_free.append(job.job_id)
+                self._free_on_workers(job)
             self.drop_kv(job)
         elif result.swap_in:
             job.kv_state = KvState.DEVICE
-            self.num_swapped_in += 1
+            self.counters.num_swapped_in_jobs += 1
         else:
             job.kv_state = KvState.HOST
 
     def preempt_by_recompute(self, job: Job) -> None:
         self.blocks.free(job)
-        self.pending_free.append(job.job_id)
+        self._free_on_workers(job)
         self.drop_kv(job)
+
+    def _free_on_workers(self, job: Job) -> None:
+        """The next decision tells the workers to forget the job: its blocks, any kvstore copy
+        and its sampling settings (sent again with its next chunk)."""
+        self.pending_free.append(job.job_id)
+        job.sampling_sent = False
 
     def drop_kv(self, job: Job) -> None:
         job.num_computed_tokens = 0
         job.num_host_blocks = 0
         job.kv_state = KvState.NONE
         job.num_preemptions += 1
-        self.num_recomputed += 1
-
-
-def _starving(plan: Plan, job: Job) -> bool:
-    """Whether the policy would promote `job` for starvation now (MLFQ; never for others)."""
-    options = getattr(plan.policy, "options", None)
-    if options is None or getattr(options, "starvation", "off") == "off":
-        return False
-    waited: float = plan.policy.waited(job, plan.now)  # type: ignore[union-attr]
-    return bool(waited > options.starvation_s)
+        self.counters.num_recomputed_jobs += 1

@@ -32,18 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.scheduler.core.job import Job
+from services.scheduler.core.policy import Policy
 from services.scheduler.core.profile import PerformanceProfile
 
 CHARGE_MODES = ("share", "whole")
 STARVATION_MODES = ("credit", "paper", "off")
 
-# Default starvation threshold, in full-batch decode iterations. It was 200 (after a 5 s cap
-# went: 5 s was under two average jobs on SmolLM2). bench/simulate.py, five seeds, 150
-# requests, fcfs@recompute / skip-join-mlfq@recompute mean per-token latency: SmolLM2 at 25 KV
-# blocks 1.00-1.14x at 200 iterations, 1.58-1.95x at 400, 1.73-1.98x at 1000 (as with no
-# promotion at all). Live, the tiny model at 48 blocks, at the knee: 1.41x at 200, 2.91x at
-# 1000; SmolLM2 live was mixed (docs/scheduling-smollm2.md). Without memory pressure no job
-# waits that long at these rates, so nothing changes there.
+# Default starvation threshold, in full-batch decode iterations: well above a demoted job's
+# normal wait under load (see MlfqOptions.from_profile); how 1000 was chosen:
+# docs/results/scheduling-smollm2.md, "The starvation threshold".
 STARVATION_ITERATIONS = 1000
 
 
@@ -85,15 +82,15 @@ class MlfqOptions:
         threshold is STARVATION_ITERATIONS full-batch decode iterations, at least 0.5 s.
 
         Why the longest job and not the longest prefill: the last queue is FIFO, so once jobs
-        sink to it the policy is FCFS among them. Sized for prefills only (the old rule), the
-        tiny test model got 4 queues spanning 2-19 ms: a 4-token job sank to the last queue
-        behind a 250-token one after 3 tokens and waited for all of it.
+        sink to it the policy is FCFS among them. Sized for prefills only, the tiny test model
+        would get 4 queues spanning 2-19 ms: a 4-token job would sink to the last queue behind
+        a 250-token one after 3 tokens and wait for all of it.
 
         Why the threshold is long: it must stay well above the normal wait of a demoted job
         under load, or promotion turns the policy back into FCFS by waiting time. Once jobs
         arrive faster than they finish, every demoted job eventually waits past any threshold;
         promoted first (longest wait first, with their old queue's allowance), they then hold
-        the batch against every arrival. See STARVATION_ITERATIONS for the numbers."""
+        the batch against every arrival."""
         q0 = float(overrides.pop("base_quantum_s", profile.decode_time(1)))
         ratio = float(overrides.pop("quantum_ratio", 2.0))
         longest = profile.prefill_time(max_model_len) + max_model_len * profile.decode_time(1)
@@ -111,7 +108,7 @@ class MlfqOptions:
         )
 
 
-class MlfqPolicy:
+class MlfqPolicy(Policy):
     def __init__(
         self, options: MlfqOptions, profile: PerformanceProfile, name: str, batch_size: int = 16
     ) -> None:
@@ -146,11 +143,20 @@ class MlfqPolicy:
         for table in (self._attained, self._allowance, self._waiting_since):
             table.pop(job.job_id, None)
 
+    @property
+    def num_levels(self) -> int:
+        return len(self.quanta)
+
     def level(self, job: Job) -> int:
         return self._level[job.job_id]
 
     def waited(self, job: Job, now: float) -> float:
         return now - self._waiting_since[job.job_id]
+
+    def is_starving(self, job: Job, now: float) -> bool:
+        return (
+            self.options.starvation != "off" and self.waited(job, now) > self.options.starvation_s
+        )
 
     def order(self, now: float) -> list[Job]:
         starving = self._promote_starving(now)

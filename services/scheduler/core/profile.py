@@ -25,8 +25,7 @@ class PerformanceProfile:
     decode_s: tuple[tuple[int, float], ...]  # (batch size, seconds of one decode iteration)
 
     def __post_init__(self) -> None:
-        for name in ("prefill_s", "decode_s"):
-            points = getattr(self, name)
+        for name, points in (("prefill_s", self.prefill_s), ("decode_s", self.decode_s)):
             if not points or any(b[0] <= a[0] for a, b in itertools.pairwise(points)):
                 raise ValueError(f"{name} needs points sorted by strictly increasing size")
 

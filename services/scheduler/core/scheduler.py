@@ -1,8 +1,9 @@
 """SchedulerCore: admit jobs, decide each iteration, apply its results.
 
-    core.add_job(job)              -> events (QUEUED, or REJECTED)
-    decision = core.schedule()     -> the batch, frees, preemptions
-    core.update(decision, tokens)  -> events (TOKENS, FINISHED)
+    core = SchedulerCore(config, policy)
+    core.add_job(job)                                 -> events (QUEUED, or REJECTED)
+    decision = core.schedule()                        -> the batch, frees, swaps, preemptions
+    core.update(decision, tokens, logprobs=logprobs)  -> events (TOKENS, FINISHED), whole
 
 With S pipeline stages the engine keeps up to S decisions in flight: schedule() may be called
 again before the previous decision's update(). A job in a decision not yet updated is busy: it
@@ -11,20 +12,23 @@ writing its KV) until its update() comes back.
 
 Batch formation walks the policy's order and gives each job as many of its uncomputed tokens as
 the token budget allows (chunked prefill; a decoding job needs one). When KV blocks run short, a
-job may take blocks from jobs of lower priority by preempting them with recompute: their blocks
-are freed and their tokens are re-prefilled when they run again, so nothing deadlocks and nothing
-is lost. A job never evicts a job ahead of it, and a job with nothing computed yet waits for free
-blocks rather than drop others' KV, unless it is starving or nothing else could run (else MLFQ
-thrashes: see KvMemory.make_room).
+job may take blocks from jobs of lower priority by preempting them: their KV is swapped out to
+the kvstore, or dropped and re-prefilled when they run again (KvMemory), so nothing deadlocks
+and nothing is lost. A job never evicts a job ahead of it, and a job with nothing computed yet
+waits for free blocks rather than drop others' KV, unless it is starving or nothing else could
+run (else MLFQ thrashes: see KvMemory.make_room).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+from services.common.sampling import TokenLogprobs
 from services.scheduler.core.block_manager import num_blocks_for
+from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.decision import (
     Decision,
     Event,
@@ -33,10 +37,12 @@ from services.scheduler.core.decision import (
     SwapResult,
 )
 from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState
-from services.scheduler.core.kv_planner import KV_POLICIES, SwapCostModel
-from services.scheduler.core.memory import KvMemory, Plan
-from services.scheduler.core.policy import Policy, make_policy
+from services.scheduler.core.memory import KvMemory
+from services.scheduler.core.plan import Plan
+from services.scheduler.core.policy import Policy
 from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
+from services.scheduler.core.stats import Counters, IterationWindow, SchedulerStats
+from services.scheduler.core.swap_cost import SwapCostModel
 
 
 class AdmissionError(ValueError):
@@ -44,97 +50,38 @@ class AdmissionError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    num_blocks: int  # device KV blocks per stage
-    block_size: int  # tokens per block
-    max_model_len: int  # longest prompt + output
-    max_batch_size: int = 16  # jobs per iteration (the paper caps it at 16)
-    max_batched_tokens: int = 2048  # tokens per iteration (prefill chunks + decodes)
-    policy: str = "fcfs"
-    # A job that cannot get KV blocks is skipped and lower-priority jobs fill the batch
-    # (backfill); False stops batch formation at it, as the paper's code does.
-    backfill: bool = True
-    # What happens to the KV of a job whose blocks are needed: "recompute" drops it (vLLM);
-    # "reactive" swaps it to the kvstore and back when a batch needs it; "proactive" also
-    # swaps out ahead of need to keep `reserve_blocks` free, and prefetches the jobs expected
-    # to run soonest (smallest ENST). Swapping needs a kvstore (swap_enabled).
-    kv_policy: str = "recompute"
-    swap_enabled: bool = False
-    reserve_blocks: int = 0  # free blocks proactive management keeps for new arrivals
-    block_bytes: int = 0  # bytes of one block on one stage (for swap costs)
-    swap_cost_scale: float = 1.0  # 0: always swap rather than recompute (tests, benchmarks)
-
-    def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_model_len", "max_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_batched_tokens < self.max_batch_size:
-            raise ValueError("max_batched_tokens must be >= max_batch_size")
-        if self.kv_policy not in KV_POLICIES:
-            raise ValueError(f"kv_policy must be one of {KV_POLICIES}")
-        if not 0 <= self.reserve_blocks < self.num_blocks:
-            raise ValueError("reserve_blocks must be in [0, num_blocks)")
-
-    @property
-    def swaps(self) -> bool:
-        return self.swap_enabled and self.kv_policy != "recompute"
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    num_waiting_jobs: int
-    num_running_jobs: int
-    num_total_blocks: int
-    num_free_blocks: int
-    num_iterations: int
-    num_submitted_jobs: int
-    num_finished_jobs: int
-    num_cancelled_jobs: int
-    num_rejected_jobs: int
-    num_recomputed_jobs: int
-    num_swapped_out_jobs: int  # swap-outs started since start
-    num_swapped_in_jobs: int  # swap-ins completed since start
-    num_swap_failures: int  # swaps the kvstore refused or lost (jobs recomputed)
-    num_swaps_in_flight: int
-    num_host_jobs: int  # jobs whose KV is in the kvstore now
-    swap_bytes_per_s: float  # current bandwidth estimate
-    num_preempted_jobs: int  # jobs that ran before and are not running now
-    num_preemptions: int  # running jobs that dropped out of the batch, since start
-    # Waiting jobs (not running) per policy queue level, level 0 first; one entry per level
-    # of an MLFQ policy, one for FCFS, so an empty level reads 0 rather than disappearing.
-    num_jobs_per_level: tuple[int, ...]
+class _InFlight:
+    decision: Decision
+    scheduled_at: float
 
 
 class SchedulerCore:
     def __init__(
         self,
         config: SchedulerConfig,
-        policy: Policy | None = None,
+        policy: Policy,
+        *,
         clock: Callable[[], float] = time.monotonic,
         profile: PerformanceProfile | None = None,
     ) -> None:
+        """`profile` is the engine's measured speed, for swap-versus-recompute costs."""
         self.config = config
-        self.policy = policy or make_policy(
-            config.policy, max_model_len=config.max_model_len, max_batch_size=config.max_batch_size
-        )
+        self.policy = policy
+        self.counters = Counters()
         self.memory = KvMemory(
             config,
             SwapCostModel(
                 profile or SYNTHETIC_PROFILE, config.block_bytes, scale=config.swap_cost_scale
             ),
+            self.counters,
         )
         self.blocks = self.memory.blocks
         self._clock = clock
         self._jobs: dict[str, Job] = {}
         self._running_ids: list[str] = []  # jobs running: in flight or in the last batch
-        # Decisions sent but not yet updated: iteration id -> (when made, its jobs).
-        self._in_flight: dict[int, tuple[float, list[str]]] = {}
-        self._num_iterations = 0
-        self._num_submitted = 0
-        self._num_finished = 0
-        self._num_cancelled = 0
-        self._num_rejected = 0
-        self._num_preemptions = 0
+        # Decisions made and not yet updated, oldest first: the one in-flight ledger.
+        self._in_flight: dict[int, _InFlight] = {}
+        self._window = IterationWindow()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -154,33 +101,33 @@ class SchedulerCore:
             )
 
     def add_job(self, job: Job) -> list[Event]:
-        self._num_submitted += 1
+        self.counters.num_submitted_jobs += 1
         if job.job_id in self._jobs:
-            self._num_rejected += 1
-            return [Event(job.job_id, EventKind.REJECTED, error="job_id: already in use")]
+            self.counters.num_rejected_jobs += 1
+            return [_event(job, EventKind.REJECTED, error="job_id: already in use")]
         try:
             self.check_admissible(job)
         except AdmissionError as exc:
-            self._num_rejected += 1
-            return [Event(job.job_id, EventKind.REJECTED, error=str(exc))]
+            self.counters.num_rejected_jobs += 1
+            return [_event(job, EventKind.REJECTED, error=str(exc))]
         job.arrival_time = self._clock()
         self._jobs[job.job_id] = job
         level = self.policy.add(job, job.arrival_time)
-        return [Event(job.job_id, EventKind.QUEUED, queue_level=level)]
+        return [_event(job, EventKind.QUEUED, queue_level=level)]
 
     def cancel(self, job_id: str) -> list[Event]:
         job = self._jobs.get(job_id)
         if job is None:
             return []
-        self._num_cancelled += 1
+        self.counters.num_cancelled_jobs += 1
         self._finish(job, FinishReason.CANCELLED)
-        return [Event(job_id, EventKind.FINISHED, finish_reason=FinishReason.CANCELLED)]
+        return [_event(job, EventKind.FINISHED, finish_reason=FinishReason.CANCELLED)]
 
     def abort_all(self) -> list[Event]:
         events = []
         for job in list(self._jobs.values()):
             self._finish(job, FinishReason.ABORTED)
-            events.append(Event(job.job_id, EventKind.FINISHED, finish_reason=FinishReason.ABORTED))
+            events.append(_event(job, EventKind.FINISHED, finish_reason=FinishReason.ABORTED))
         return events
 
     def recompute_all(self) -> None:
@@ -203,16 +150,24 @@ class SchedulerCore:
         """Decisions scheduled and not yet updated."""
         return len(self._in_flight)
 
+    def oldest_in_flight(self) -> Decision:
+        """The decision whose results come back next (results come back in order)."""
+        return next(iter(self._in_flight.values())).decision
+
     def busy_job_ids(self) -> set[str]:
-        return {job_id for _, job_ids in self._in_flight.values() for job_id in job_ids}
+        return {
+            chunk.job_id for entry in self._in_flight.values() for chunk in entry.decision.chunks
+        }
 
     def schedule(self) -> Decision:
+        """The next iteration. Every decision that is not empty is in flight until its results
+        come back through update(), in order."""
         now = self._clock()
         plan = Plan(
             self.policy.order(now),
-            budget=self.config.max_batched_tokens,
-            policy=self.policy,
+            self.policy,
             now=now,
+            budget=self.config.max_batched_tokens,
         )
         busy = self.busy_job_ids()
         plan.scheduled |= busy  # never evicted while a stage may still touch their KV
@@ -225,39 +180,40 @@ class SchedulerCore:
             plan.blocked = []
             plan.short_of_blocks = False
             self._form_batch(plan)
-        if self.config.swaps and self.config.kv_policy == "proactive":
+        if self.config.proactive:
             memory.keep_reserve(plan)
             memory.prefetch(plan)
-        self._num_iterations += 1
+        self.counters.num_iterations += 1
+        scheduled_ids = [chunk.job_id for chunk in plan.chunks]
         decision = Decision(
-            iteration_id=self._num_iterations,
+            iteration_id=self.counters.num_iterations,
             chunks=plan.chunks,
             free_job_ids=memory.take_pending_free(),
-            events=self._transition_events([chunk.job_id for chunk in plan.chunks], busy),
+            events=self._transition_events(scheduled_ids, busy),
             blocked_job_ids=plan.blocked,
             swap_out=plan.swap_out,
             swap_in=plan.swap_in,
         )
-        scheduled_ids = [chunk.job_id for chunk in plan.chunks]
         self._running_ids = [*busy, *scheduled_ids]
-        if scheduled_ids:
-            self._in_flight[decision.iteration_id] = (now, scheduled_ids)
+        if not decision.is_empty:
+            self._in_flight[decision.iteration_id] = _InFlight(decision, now)
         return decision
 
     def update(
         self,
         decision: Decision,
-        sampled: Mapping[str, int],
+        tokens: Mapping[str, int],
         swaps_done: Sequence[SwapResult] = (),
+        *,
+        logprobs: Mapping[str, TokenLogprobs] | None = None,
     ) -> list[Event]:
-        """Applies an iteration's results: `sampled` maps job id to its new token;
-        `swaps_done` are background swaps the worker finished meanwhile."""
+        """Applies an iteration's results: `tokens` maps job id to its new token, `logprobs`
+        its log-probabilities for jobs that asked; `swaps_done` are background swaps the
+        workers finished meanwhile."""
         now = self._clock()
-        for result in swaps_done:
-            self.memory.apply_swap_result(result, self._jobs.get(result.job_id))
-        scheduled_at, _ = self._in_flight.pop(decision.iteration_id, (now, []))
-        elapsed = now - scheduled_at
-        events: list[Event] = []
+        self.apply_swaps(swaps_done)
+        entry = self._in_flight.pop(decision.iteration_id, None)
+        elapsed = now - entry.scheduled_at if entry is not None else 0.0
         ran = [
             (job, len(chunk.token_ids))
             for chunk in decision.chunks
@@ -265,6 +221,9 @@ class SchedulerCore:
         ]
         if ran:
             self.policy.on_iteration(ran, elapsed, now)
+        if decision.chunks:
+            self._window.add(elapsed, len(decision.chunks), decision.num_tokens)
+        events: list[Event] = []
         for chunk in decision.chunks:
             job = self._jobs.get(chunk.job_id)
             if job is None or job.num_computed_tokens != chunk.start_pos:
@@ -272,20 +231,27 @@ class SchedulerCore:
             job.num_computed_tokens += len(chunk.token_ids)
             if not chunk.sample:
                 continue
-            token = sampled.get(job.job_id)
+            token = tokens.get(job.job_id)
             if token is None:
                 raise RuntimeError(f"worker returned no token for job {job.job_id}")
             job.output_token_ids.append(token)
+            found = logprobs.get(job.job_id) if logprobs else None
+            fields: dict[str, Any] = {"token_ids": [token]}
+            if found is not None:
+                fields["logprobs"] = [found]
             reason = self._finish_reason(job, token)
             if reason is None:
-                events.append(Event(job.job_id, EventKind.TOKENS, token_ids=[token]))
+                events.append(_event(job, EventKind.TOKENS, **fields))
             else:
-                self._num_finished += 1
+                self.counters.num_finished_jobs += 1
                 self._finish(job, reason)
-                events.append(
-                    Event(job.job_id, EventKind.FINISHED, token_ids=[token], finish_reason=reason)
-                )
+                events.append(_event(job, EventKind.FINISHED, finish_reason=reason, **fields))
         return events
+
+    def apply_swaps(self, swaps_done: Sequence[SwapResult]) -> None:
+        """Background swaps the workers finished (also reported outside an iteration)."""
+        for result in swaps_done:
+            self.memory.apply_swap_result(result, self._jobs.get(result.job_id))
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -303,32 +269,27 @@ class SchedulerCore:
         num_running = sum(1 for job_id in self._running_ids if job_id in self._jobs)
         running = set(self._running_ids)
         levels = [self.policy.level(j) for j in self._jobs.values() if j.job_id not in running]
-        quanta: Sequence[float] = getattr(self.policy, "quanta", ())  # MLFQ levels
-        num_jobs_per_level = [0] * max(len(quanta), 1, *(level + 1 for level in levels))
+        num_jobs_per_level = [0] * max([self.policy.num_levels, *(level + 1 for level in levels)])
         for level in levels:
             num_jobs_per_level[level] += 1
+        mean_iteration_s, mean_batch_jobs, mean_batch_tokens = self._window.means()
+        memory = self.memory
         return SchedulerStats(
+            counters=replace(self.counters),
             num_waiting_jobs=len(self._jobs) - num_running,
             num_running_jobs=num_running,
-            num_total_blocks=self.blocks.num_blocks,
-            num_free_blocks=self.blocks.num_free_blocks,
-            num_iterations=self._num_iterations,
-            num_submitted_jobs=self._num_submitted,
-            num_finished_jobs=self._num_finished,
-            num_cancelled_jobs=self._num_cancelled,
-            num_rejected_jobs=self._num_rejected,
-            num_recomputed_jobs=self.memory.num_recomputed,
-            num_swapped_out_jobs=self.memory.num_swapped_out,
-            num_swapped_in_jobs=self.memory.num_swapped_in,
-            num_swap_failures=self.memory.num_swap_failures,
-            num_swaps_in_flight=len(self.memory.swaps_in_flight),
-            num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
-            swap_bytes_per_s=self.memory.costs.bytes_per_s,
             num_preempted_jobs=sum(
                 1 for j in self._jobs.values() if j.status is JobStatus.PREEMPTED
             ),
-            num_preemptions=self._num_preemptions,
+            num_total_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_swaps_in_flight=len(memory.swaps_in_flight),
+            num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
+            swap_bytes_per_s=memory.costs.bytes_per_s,
             num_jobs_per_level=tuple(num_jobs_per_level),
+            mean_iteration_s=mean_iteration_s,
+            mean_batch_jobs=mean_batch_jobs,
+            mean_batch_tokens=mean_batch_tokens,
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -369,9 +330,10 @@ class SchedulerCore:
                 start_pos=start,
                 block_ids=list(job.block_ids),
                 sample=start + num_new == job.num_tokens,
-                sampling=job.sampling,
+                sampling=None if job.sampling_sent else job.sampling,
             )
         )
+        job.sampling_sent = True
         plan.scheduled.add(job.job_id)
         plan.budget -= num_new
 
@@ -382,12 +344,12 @@ class SchedulerCore:
             job = self._jobs.get(job_id)
             if job is not None and job_id not in scheduled and job_id not in busy:
                 job.status = JobStatus.PREEMPTED
-                self._num_preemptions += 1
-                events.append(Event(job_id, EventKind.PREEMPTED))
+                self.counters.num_preemptions += 1
+                events.append(_event(job, EventKind.PREEMPTED))
         for job_id in scheduled_ids:
             job = self._jobs[job_id]
             if job.status is JobStatus.PREEMPTED:
-                events.append(Event(job_id, EventKind.RESUMED))
+                events.append(_event(job, EventKind.RESUMED))
             job.status = JobStatus.RUNNING
         return events
 
@@ -404,3 +366,7 @@ class SchedulerCore:
         self.memory.release(job)
         self.policy.remove(job)
         del self._jobs[job.job_id]
+
+
+def _event(job: Job, kind: EventKind, **fields: Any) -> Event:
+    return Event(job.job_id, kind, owner=job.owner, **fields)

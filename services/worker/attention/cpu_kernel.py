@@ -3,7 +3,7 @@
 Why a compiled kernel rather than torch ops: any torch expression of "job s's keys" is an index
 into the pool, i.e. a copy of the whole context per layer, and one SDPA call per job or a padded
 batch. The kernel reads each block where it lies, for the whole step in one call. Compared with
-torch's FlexAttention on CPU and with gather + SDPA in docs/engine-cpu.md.
+torch's FlexAttention on CPU and with gather + SDPA in docs/results/engine-cpu.md.
 """
 
 from __future__ import annotations

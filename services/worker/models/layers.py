@@ -21,12 +21,10 @@ if TYPE_CHECKING:
 class Linear(nn.Linear):
     """nn.Linear that can trade its weight for oneDNN's blocked layout on CPU (`pack`).
 
-    On CPU a small batch's matmul is a read of the weights; torch's default (MKL on a plain
-    row-major matrix) streams them at about 10 GB/s on one core, oneDNN's prepacked layout at
-    about 14 (and twice as fast at 4-16 rows): SmolLM2's 30 layers at batch 1 in 30 ms instead
-    of 36, at batch 16 in 47 instead of 84 (docs/engine-cpu.md). vLLM's CPU backend packs its
-    weights the same way. The sums run in another order than MKL's, so logits differ from
-    unpacked ones in the last bits (the exactness tests allow for that).
+    On CPU a small batch's matmul is a read of the weights, and oneDNN's prepacked layout reads
+    them faster than MKL's plain row-major one (numbers: docs/results/engine-cpu.md). vLLM's
+    CPU backend packs its weights the same way. The sums run in another order than MKL's, so
+    logits differ from unpacked ones in the last bits (the exactness tests allow for that).
     """
 
     packed: torch.Tensor | None = None

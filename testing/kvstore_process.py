@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 15.0
 READY_LINE = re.compile(r"kvstore ready on (\S+)")
 

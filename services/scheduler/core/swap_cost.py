@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from services.scheduler.core.profile import PerformanceProfile
 
-KV_POLICIES = ("proactive", "reactive", "recompute")
-
 
 @dataclass(slots=True)
 class SwapCostModel:

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from fastserve.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from testing.scheduler_stats import SchedulerStatsView
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240
@@ -105,12 +106,12 @@ class Stack:
     def child_pids(self) -> list[int]:
         return child_pids(self.process.pid)
 
-    def scheduler_stats(self) -> scheduler_pb2.StatsResponse:
+    def scheduler_stats(self) -> SchedulerStatsView:
         with grpc.insecure_channel(self.scheduler_address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            return stub.Stats(scheduler_pb2.StatsRequest(), timeout=5)
+            return SchedulerStatsView.from_pb(stub.Stats(scheduler_pb2.StatsRequest(), timeout=5))
 
-    def wait_for_stats(self, predicate, timeout_s: float = 10.0) -> scheduler_pb2.StatsResponse:
+    def wait_for_stats(self, predicate, timeout_s: float = 10.0) -> SchedulerStatsView:
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.scheduler_stats()
@@ -124,10 +125,10 @@ class Stack:
         so the scheduler's own count reads all-free an iteration before the stages do."""
         return self.wait_for_stats(
             lambda s: (
-                s.num_free_blocks == s.num_total_blocks
-                and s.num_worker_used_blocks == 0
-                and all(stage.num_used_blocks == 0 for stage in s.stages)
-                and s.num_running_jobs == s.num_waiting_jobs == 0
+                s["kv_blocks_free"] == s["kv_blocks_total"]
+                and s["worker_kv_blocks_used"] == 0
+                and not any(s.per_stage("kv_blocks_used"))
+                and s["running_jobs"] == s["waiting_jobs"] == 0
                 and predicate(s)
             ),
             timeout_s,

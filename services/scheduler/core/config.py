@@ -1,0 +1,53 @@
+"""The scheduler's configuration: limits, and what happens to the KV of a job whose device
+blocks are needed (the KV policy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# "recompute" drops a preempted job's KV (vLLM); "reactive" swaps it to the kvstore and back
+# when a batch needs it; "proactive" also swaps out ahead of need to keep `reserve_blocks`
+# free, and prefetches the jobs expected to run soonest (smallest ENST).
+KV_POLICIES = ("proactive", "reactive", "recompute")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    num_blocks: int  # device KV blocks per stage
+    block_size: int  # tokens per block
+    max_model_len: int  # longest prompt + output
+    max_batch_size: int = 16  # jobs per iteration (the paper caps it at 16)
+    max_batched_tokens: int = 2048  # tokens per iteration (prefill chunks + decodes)
+    # A job that cannot get KV blocks is skipped and lower-priority jobs fill the batch
+    # (backfill); False stops batch formation at it, as the paper's code does.
+    backfill: bool = True
+    kv_policy: str = "recompute"  # one of KV_POLICIES; swapping needs swap_enabled
+    swap_enabled: bool = False  # the workers have a kvstore
+    reserve_blocks: int = 0  # free blocks proactive management keeps for new arrivals
+    block_bytes: int = 0  # bytes of one block on one stage (for swap costs)
+    swap_cost_scale: float = 1.0  # 0: always swap rather than recompute (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        sizes = {
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "max_model_len": self.max_model_len,
+            "max_batch_size": self.max_batch_size,
+        }
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_batched_tokens < self.max_batch_size:
+            raise ValueError("max_batched_tokens must be >= max_batch_size")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}")
+        if not 0 <= self.reserve_blocks < self.num_blocks:
+            raise ValueError("reserve_blocks must be in [0, num_blocks)")
+
+    @property
+    def swaps(self) -> bool:
+        return self.swap_enabled and self.kv_policy != "recompute"
+
+    @property
+    def proactive(self) -> bool:
+        return self.swaps and self.kv_policy == "proactive"
