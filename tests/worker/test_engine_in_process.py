@@ -10,10 +10,17 @@ import time
 import pytest
 import torch
 
-from services.scheduler.core import EventKind, Job, SamplingParams, SchedulerConfig, SchedulerCore
+from services.scheduler.core import (
+    EventKind,
+    FinishReason,
+    Job,
+    SamplingParams,
+    SchedulerConfig,
+    SchedulerCore,
+)
 from services.scheduler.core.policies import make_policy
 from services.scheduler.engine import Engine
-from services.scheduler.inbox import Submit
+from services.scheduler.inbox import Cancel, Submit
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
@@ -82,3 +89,53 @@ def test_the_engine_runs_jobs_on_in_process_stages(tiny_hf_model, layer_split):
         assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, tokens[job.job_id], ref)
         assert num_logprobs[job.job_id] == (max_tokens if job.sampling.logprobs else 0)
     assert [stage.num_commands > 0 for stage in engine.stats.stages] == [True] * len(layer_split)
+
+
+def drain_until(outbox, done, timeout_s: float = 60.0) -> list:
+    """Events from `outbox` until `done(events so far)`."""
+    events: list = []
+    deadline = time.monotonic() + timeout_s
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out; got {events}"
+        message = outbox.get(timeout=timeout_s)
+        assert message is not None
+        events.extend(message.events)
+    return events
+
+
+def test_events_reach_their_owner_and_only_the_owner_may_cancel(tiny_hf_model):
+    """A job belongs to the frontend that submitted it: its events go there alone, another
+    frontend's cancel of it is ignored, and a frontend's disconnect cancels only its own."""
+    config = SchedulerConfig(num_blocks=32, block_size=16, max_model_len=512, max_batch_size=4)
+    policy = make_policy("fcfs", max_model_len=512, max_batch_size=4)
+    engine = Engine(SchedulerCore(config, policy), local_pipeline(tiny_hf_model, [4], 32))
+    engine.start()
+    a, b = engine.connect("a"), engine.connect("b")
+    try:
+        engine.post(Submit("a", [Job("a1", [5, 6, 7], 8)], [("a-bad", "max_tokens: too many")]))
+        engine.post(Submit("b", [Job("b1", [5, 6, 8], 400, ignore_eos=True)], []))
+        engine.post(Cancel("b", ["a1"]))  # not b's job: ignored
+        a_events = drain_until(a, lambda evs: any(e.kind is EventKind.FINISHED for e in evs))
+        assert {e.job_id for e in a_events} == {"a1", "a-bad"}
+        assert {e.owner for e in a_events} == {"a"}
+        (finished,) = [e for e in a_events if e.kind is EventKind.FINISHED]
+        assert finished.finish_reason is FinishReason.LENGTH  # ran to the end, not cancelled
+        assert [e.error for e in a_events if e.kind is EventKind.REJECTED] == [
+            "max_tokens: too many"
+        ]
+        b_events = drain_until(b, lambda evs: any(e.kind is EventKind.TOKENS for e in evs))
+        assert {e.job_id for e in b_events} == {"b1"} and {e.owner for e in b_events} == {"b"}
+        engine.post(Submit("a", [Job("a2", [9, 9, 9], 400, ignore_eos=True)], []))
+        drain_until(a, lambda evs: any(e.kind is EventKind.TOKENS for e in evs))
+        engine.disconnect("a")  # a's jobs go; b's keeps running
+        deadline = time.monotonic() + 30
+        while engine.stats.core.counters.num_cancelled_jobs < 1:
+            assert time.monotonic() < deadline, "a2 was not cancelled"
+            time.sleep(0.01)
+        more = drain_until(b, lambda evs: sum(len(e.token_ids) for e in evs) >= 3)
+        assert all(e.job_id == "b1" and e.kind is EventKind.TOKENS for e in more)
+        engine.post(Cancel("b", ["b1"]))
+        drain_until(b, lambda evs: any(e.kind is EventKind.FINISHED for e in evs))
+        assert engine.stats.core.counters.num_cancelled_jobs == 2
+    finally:
+        engine.stop()
