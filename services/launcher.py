@@ -107,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--reserve-blocks", type=int, default=-1, help="-1: 5%% of the pool")
     add_flag(parser, "--swap-cost-scale", type=float, default=1.0, help="0: always swap")
+    add_flag(parser, "--no-prefix-cache", action="store_true", help="no sharing of cached prefixes")
     add_flag(
         parser,
         "--kvstore-backend",
@@ -266,6 +267,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--swap-cost-scale", str(args.swap_cost_scale),
+                *(["--no-prefix-cache"] if args.no_prefix_cache else []),
                 "--max-batch-size", str(args.max_batch_size),
                 "--max-batched-tokens", str(args.max_batched_tokens), *metrics, *common,
             ],

@@ -87,6 +87,7 @@ class Delta:
     queue_level: int = 0
     finish_reason: str | None = None  # "stop", "length" or "aborted" on the last delta
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of num_prompt_tokens, found in the prefix cache
     num_completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
 
@@ -152,6 +153,7 @@ class GenerationCore:
         detokenizer = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(sampling.stop)
         num_generated = 0
+        num_cached = 0
         finish_reason = "error"
         # The delta being built: the current token, plus any earlier ones whose text was held.
         delta = Delta(job_id)
@@ -171,6 +173,7 @@ class GenerationCore:
                         continue
                     if event.token_ids and num_generated == 0:
                         timer.first_token()
+                    num_cached = max(num_cached, event.num_cached_tokens)
                     finished = event.kind == spb.EVENT_KIND_FINISHED
                     last = len(event.token_ids) - 1
                     # One delta per token, even if an event carries several, so that clients
@@ -206,6 +209,7 @@ class GenerationCore:
                     if delta.finish_reason:
                         finish_reason = delta.finish_reason
                         delta.num_prompt_tokens = len(request.prompt_ids)
+                        delta.num_cached_tokens = num_cached
                         delta.num_completion_tokens = num_generated
                         yield delta
                         return

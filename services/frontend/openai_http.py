@@ -271,13 +271,14 @@ class OpenAIServer:
         await response.write_eof()
 
 
-def _usage(delta: Delta | None) -> dict[str, int]:
+def _usage(delta: Delta | None) -> dict[str, Any]:
     prompt = delta.num_prompt_tokens if delta else 0
     completion = delta.num_completion_tokens if delta else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": delta.num_cached_tokens if delta else 0},
     }
 
 

@@ -139,6 +139,7 @@ class GenerationServicer:
                     response.finish_reason = _FINISH[delta.finish_reason]
                     response.usage.prompt_tokens = delta.num_prompt_tokens
                     response.usage.completion_tokens = delta.num_completion_tokens
+                    response.usage.cached_prompt_tokens = delta.num_cached_tokens
                 yield response
 
 

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of swap cost against recompute cost; 0 always swaps",
     )
     add_flag(
+        parser,
+        "--no-prefix-cache",
+        action="store_true",
+        help="compute every prompt from scratch instead of sharing cached prefix blocks",
+    )
+    add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
@@ -109,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         reserve_blocks=(args.reserve_blocks if args.reserve_blocks >= 0 else info.num_blocks // 20),
         block_bytes=info.block_bytes,
         swap_cost_scale=args.swap_cost_scale,
+        prefix_caching=not args.no_prefix_cache,
+        # What else fixes a block's content besides its tokens: the model and the stage layout.
+        prefix_cache_salt=f"{info.model_name}|{info.dtype}|{'+'.join(map(str, info.layer_split))}",
     )
     worker.open()
     profile = load_or_measure(

@@ -108,6 +108,16 @@ TABLE: tuple[Series, ...] = (
     _counter(
         "swap_in_bytes", "Bytes swapped in from the kvstore, all stages", lambda s: s.swap_in_bytes
     ),
+    _counter(
+        "prefix_cache_query_tokens",
+        "Tokens of jobs that looked up the prefix cache as they started (or restarted)",
+        lambda s: s.core.counters.num_prefix_query_tokens,
+    ),
+    _counter(
+        "prefix_cache_hit_tokens",
+        "Of those, tokens whose KV was found cached, by tier (device: in the KV pool)",
+        lambda s: [({"tier": "device"}, s.core.counters.num_prefix_hit_tokens)],
+    ),
     _gauge("waiting_jobs", "Jobs waiting (all queue levels)", lambda s: s.core.num_waiting_jobs),
     _gauge(
         "running_jobs", "Jobs in flight or in the last batch", lambda s: s.core.num_running_jobs
@@ -125,6 +135,11 @@ TABLE: tuple[Series, ...] = (
     _gauge("kv_blocks_total", "Device KV blocks", lambda s: s.core.num_total_blocks),
     _gauge("kv_blocks_free", "Device KV blocks free", lambda s: s.core.num_free_blocks),
     _gauge("kv_blocks_used", "Device KV blocks in use", lambda s: s.core.num_used_blocks),
+    _gauge(
+        "kv_blocks_cached",
+        "Device KV blocks named in the prefix cache, in use or free to evict",
+        lambda s: s.core.num_cached_blocks,
+    ),
     _gauge(
         "worker_kv_blocks_used",
         "KV blocks the workers report in use (checks the scheduler's accounting)",

@@ -48,13 +48,13 @@ class Executor:
         self.runner = runner
         self.swapper = swapper
         self.stages = stages
-        self._owner: dict[int, str] = {}  # block id -> job id
+        self._holders: dict[int, set[str]] = {}  # block id -> jobs whose tables hold it
         self._blocks_of: dict[str, set[int]] = {}
         self._sampling: dict[str, SamplingParams] = {}  # job id -> its settings, once sent
 
     @property
     def num_used_blocks(self) -> int:
-        return len(self._owner)
+        return len(self._holders)
 
     def run(self, command: Command) -> CommandResult:
         """Applies one command: frees, swap-outs, swap-ins, then its action. A command that
@@ -108,14 +108,17 @@ class Executor:
     def _release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             for block_id in self._blocks_of.pop(job_id, ()):
-                self._owner.pop(block_id, None)
+                holders = self._holders[block_id]
+                holders.discard(job_id)
+                if not holders:
+                    del self._holders[block_id]
 
     def swap_out(self, job_id: str, block_ids: Sequence[int]) -> None:
         """Copies a job's blocks off the device now and to the kvstore in the background; the
         blocks are released at once (the scheduler may hand them to another job)."""
         if self.swapper is None:
             raise CommandError("swap_out: this worker has no kvstore (--kvstore-address)")
-        self._check_owned(job_id, block_ids, "swap_out")
+        self._check_writable(job_id, block_ids, "swap_out", held=True)
         self.swapper.swap_out(job_id, block_ids)
         self._release([job_id])
 
@@ -123,7 +126,9 @@ class Executor:
         """Starts reading a job's blocks back from the kvstore into `block_ids`."""
         if self.swapper is None:
             raise CommandError("swap_in: this worker has no kvstore (--kvstore-address)")
-        self._claim_blocks(job_id, block_ids, "swap_in")
+        self._check_range(job_id, block_ids, "swap_in")
+        self._check_writable(job_id, block_ids, "swap_in")
+        self._hold(job_id, block_ids)
         self.swapper.swap_in(job_id, block_ids)
 
     def poll_swaps(self) -> list[SwapDone]:
@@ -133,23 +138,27 @@ class Executor:
     def num_swaps_in_flight(self) -> int:
         return self.swapper.num_in_flight if self.swapper is not None else 0
 
-    def _check_owned(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
-        for block_id in block_ids:
-            if self._owner.get(block_id) != job_id:
-                raise CommandError(f"{field}[{job_id}].block_ids: block {block_id} is not its")
-
-    def _claim_blocks(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
+    def _check_range(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
         for block_id in block_ids:
             if not 0 <= block_id < self.runner.num_blocks:
                 raise CommandError(f"{field}[{job_id}].block_ids: {block_id} out of range")
-            owner = self._owner.get(block_id)
-            if owner is not None and owner != job_id:
-                raise CommandError(
-                    f"{field}[{job_id}].block_ids: block {block_id} belongs to job {owner}"
-                )
+
+    def _check_writable(
+        self, job_id: str, block_ids: Sequence[int], field: str, held: bool = False
+    ) -> None:
+        """A job writes (or swaps out) only blocks no other job holds: blocks shared through
+        the prefix cache are read-only. `held`: the job must hold them itself."""
+        for block_id in block_ids:
+            others = self._holders.get(block_id, set()) - {job_id}
+            if others:
+                raise _shared_write(field, job_id, block_id, others)
+            if held and job_id not in self._holders.get(block_id, ()):
+                raise CommandError(f"{field}[{job_id}].block_ids: block {block_id} is not its")
+
+    def _hold(self, job_id: str, block_ids: Iterable[int]) -> None:
         blocks = self._blocks_of.setdefault(job_id, set())
         for block_id in block_ids:
-            self._owner[block_id] = job_id
+            self._holders.setdefault(block_id, set()).add(job_id)
             blocks.add(block_id)
 
     def reset(self, pipeline_id: str = "") -> None:
@@ -157,7 +166,7 @@ class Executor:
         the stage group."""
         if self.swapper is not None:
             self.swapper.poll()  # results for a previous scheduler connection: stale
-        self._owner.clear()
+        self._holders.clear()
         self._blocks_of.clear()
         self._sampling.clear()
         self.runner.reset()
@@ -216,8 +225,21 @@ class Executor:
                     f"seqs[{seq.job_id}].block_ids: {len(seq.block_ids)} blocks cannot hold "
                     f"{seq.start_pos + len(seq.token_ids)} tokens"
                 )
+        # The step's tables join the ledger; each chunk writes from its first new position on,
+        # and those blocks must be its alone (the ones before may be shared, read-only).
+        in_step: dict[int, set[str]] = {}
         for seq in seqs:
-            self._claim_blocks(seq.job_id, seq.block_ids, "seqs")
+            self._check_range(seq.job_id, seq.block_ids, "seqs")
+            for block_id in seq.block_ids:
+                in_step.setdefault(block_id, set()).add(seq.job_id)
+        for seq in seqs:
+            needed = -(-(seq.start_pos + len(seq.token_ids)) // block_size)
+            for block_id in seq.block_ids[seq.start_pos // block_size : needed]:
+                others = (self._holders.get(block_id, set()) | in_step[block_id]) - {seq.job_id}
+                if others:
+                    raise _shared_write("seqs", seq.job_id, block_id, others)
+        for seq in seqs:
+            self._hold(seq.job_id, seq.block_ids)
 
     def _take_sampling(self, seqs: Sequence[SeqChunk]) -> None:
         """Records the settings that came with chunks; a chunk without them must be of a job
@@ -232,3 +254,10 @@ class Executor:
         for seq in seqs:
             if seq.sampling is not None:
                 held[seq.job_id] = seq.sampling
+
+
+def _shared_write(field: str, job_id: str, block_id: int, others: set[str]) -> CommandError:
+    return CommandError(
+        f"{field}[{job_id}].block_ids: block {block_id} is held by job {min(others)}; "
+        "a job writes only blocks no other job holds"
+    )

@@ -89,8 +89,13 @@ class SimWorker:
     recompute changes the output. Like a real worker it holds each job's sampling settings from
     the chunk that brought them until the job is freed, and fails on a chunk without them."""
 
-    def __init__(self, block_size: int, swap_delay: int = 1, fail_every: int = 0) -> None:
+    def __init__(
+        self, block_size: int, swap_delay: int = 1, fail_every: int = 0, wipe: bool = True
+    ) -> None:
+        """`wipe`: blocks swapped out lose their device content (stricter than a real worker,
+        whose pool keeps it until overwritten; prefix caching relies on that)."""
         self.block_size = block_size
+        self.wipe = wipe
         self.pool: dict[int, list[int | None]] = {}
         self.store: dict[str, list[list[int | None]]] = {}
         self.swap_delay = swap_delay
@@ -116,7 +121,7 @@ class SimWorker:
             self.sampling.pop(job_id, None)
         for move in decision.swap_out:  # copied off the device before the step
             copy = [list(self._block(b)) for b in move.block_ids]
-            for b in move.block_ids:
+            for b in move.block_ids if self.wipe else ():
                 self.pool[b] = [None] * self.block_size  # the device copy is gone
             ok = not self._fails()
             if ok:

@@ -112,3 +112,28 @@ def test_bad_settings_on_the_wire_are_named_by_field():
     )
     with pytest.raises(CommandError, match=r"^seqs\[a\]\.sampling\.top_p: must be in \(0, 1\]"):
         command_from_pb(wpb.Command(step=wpb.Step(seqs=[seq])))
+
+
+def test_jobs_share_full_blocks_read_only_and_never_write_one_another_holds(tiny_hf_model):
+    """The prefix cache's rule on the worker: a job's table may start with blocks another job
+    holds; it reads them as they are (the same next token as computing them itself), and a
+    command that would write, or swap out, a block another job holds is refused by field."""
+    greedy = SamplingParams()
+    prefix, own_b = list(range(3, 35)), [40, 41, 42]  # two full blocks of 16, then b's own
+    shared = Executor(ModelRunner(tiny_hf_model, num_blocks=8, block_size=16), NoStore())
+    a = SeqChunk("a", [*prefix, 50], 0, [0, 1, 2], True, greedy)
+    assert not shared.run(Command(action=Step([a]))).error
+    b = SeqChunk("b", own_b, len(prefix), [0, 1, 3], True, greedy)  # reads 0 and 1, writes 3
+    result = shared.run(Command(action=Step([b])))
+    assert not result.error and result.num_used_blocks == 4
+    alone = Executor(ModelRunner(tiny_hf_model, num_blocks=8, block_size=16), NoStore())
+    whole = SeqChunk("b", [*prefix, *own_b], 0, [4, 5, 6], True, greedy)
+    assert alone.run(Command(action=Step([whole]))).tokens == result.tokens
+    overwrite = SeqChunk("c", [7] * 5, 16, [0, 1], True, greedy)  # writes block 1: a's and b's
+    refused = shared.run(Command(action=Step([overwrite])))
+    assert refused.error.startswith("seqs[c].block_ids: block 1 is held by job a")
+    swapped = shared.run(Command(swap_out=[BlockMove("b", [0])]))
+    assert swapped.error.startswith("swap_out[b].block_ids: block 0 is held by job a")
+    assert not shared.run(Command(swap_out=[BlockMove("b", [3])])).error  # its own block
+    freed = shared.run(Command(action=Free(["a"])))
+    assert not freed.error and freed.num_used_blocks == 0

@@ -116,6 +116,7 @@ def chunk_from_pb(response: pb.GenerateResponse) -> Chunk:
             Usage(
                 prompt_tokens=response.usage.prompt_tokens,
                 completion_tokens=response.usage.completion_tokens,
+                cached_prompt_tokens=response.usage.cached_prompt_tokens,
             )
             if response.HasField("usage")
             else None

@@ -17,6 +17,8 @@ class Usage:
     prompt_tokens: int
     # Tokens generated, including a final end-of-sequence token.
     completion_tokens: int
+    # Of prompt_tokens, those whose KV the server found in its prefix cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

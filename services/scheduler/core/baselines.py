@@ -37,7 +37,7 @@ class SrptOraclePolicy(Policy):
         self._jobs: dict[str, Job] = {}
 
     def remaining_s(self, job: Job) -> float:
-        num_prefill = max(job.num_prompt_tokens - job.num_computed_tokens, 0)
+        num_prefill = job.num_uncached_prompt_tokens
         prefill = self._profile.prefill_time(num_prefill) if num_prefill else 0.0
         return prefill + (job.max_tokens - job.num_output_tokens) * self._profile.decode_time(1)
 

@@ -26,6 +26,10 @@ class SchedulerConfig:
     reserve_blocks: int = 0  # free blocks proactive management keeps for new arrivals
     block_bytes: int = 0  # bytes of one block on one stage (for swap costs)
     swap_cost_scale: float = 1.0  # 0: always swap rather than recompute (tests, benchmarks)
+    # Share the KV of full blocks whose tokens (and everything before them) jobs have in
+    # common; the salt names what else fixes a block's content (model, stage layout).
+    prefix_caching: bool = False
+    prefix_cache_salt: str = ""
 
     def __post_init__(self) -> None:
         sizes = {

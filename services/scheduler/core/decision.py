@@ -88,4 +88,6 @@ class Event:
     queue_level: int = 0  # QUEUED
     finish_reason: FinishReason | None = None  # FINISHED
     error: str = ""  # REJECTED: names the offending field
+    # TOKENS, FINISHED: prompt tokens its first prefill found in the prefix cache.
+    num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked

@@ -57,6 +57,14 @@ class Job:
     num_host_blocks: int = 0  # blocks held in the kvstore while swapped out
     num_swaps: int = 0  # swap-outs so far
     sampling_sent: bool = False  # the workers hold its sampling settings
+    # Prefix caching (BlockManager): names of its full blocks, as far as computed; how many of
+    # its table's blocks are named in the cache; while swapped out, how many leading blocks it
+    # left on the device, shared with others, to take back by name.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_shared_blocks: int = 0
+    # Prompt tokens found in the prefix cache when it first ran (an estimate before that).
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -75,6 +83,12 @@ class Job:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncached_prompt_tokens(self) -> int:
+        """Prompt tokens still to compute, counting those the prefix cache holds as done."""
+        done = max(self.num_computed_tokens, self.num_cached_tokens)
+        return max(self.num_prompt_tokens - done, 0)
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -24,7 +24,12 @@ from services.scheduler.core.swap_cost import SwapCostModel
 class KvMemory:
     def __init__(self, config: SchedulerConfig, costs: SwapCostModel, counters: Counters) -> None:
         self.config = config
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.blocks = BlockManager(
+            config.num_blocks,
+            config.block_size,
+            prefix_caching=config.prefix_caching,
+            salt=config.prefix_cache_salt,
+        )
         self.costs = costs
         self.pending_free: list[str] = []  # jobs whose worker blocks / kvstore copy to release
         self.swaps_in_flight: set[str] = set()
@@ -42,14 +47,20 @@ class KvMemory:
         self.swaps_in_flight.discard(job.job_id)
 
     def recompute_all(self, jobs: list[Job]) -> None:
-        """The worker lost its device KV; KV already in the kvstore stays usable."""
+        """The worker lost its device KV, and with it the prefix cache; KV already in the
+        kvstore stays usable, unless its job had left a shared prefix on the device."""
+        lost = []
         for job in jobs:
             job.sampling_sent = False  # the workers were reset
             if job.kv_state not in (KvState.HOST, KvState.NONE):
                 self.blocks.free(job)
                 self.drop_kv(job)
+            elif job.kv_state is KvState.HOST and job.num_shared_blocks:
+                self.drop_kv(job)
+                lost.append(job.job_id)  # the kvstore copy is of no use without the prefix
         self.swaps_in_flight.clear()
-        self.pending_free.clear()
+        self.pending_free = lost
+        self.blocks.drop_cache()
 
     def make_room(self, job: Job, num_blocks: int, plan: Plan) -> bool:
         """Evicts jobs behind `job` in the order until `num_blocks` are free; False if it
@@ -74,7 +85,7 @@ class KvMemory:
             and other.job_id not in plan.scheduled
             and not (spare and self._would_recompute(other))
         ]
-        if self.blocks.num_free_blocks + sum(len(v.block_ids) for v in victims) < num_blocks:
+        if self.blocks.num_free_blocks + self.blocks.num_freed_by(victims) < num_blocks:
             return False  # evicting everyone behind it would not be enough: evict no one
         if self.config.swaps:
             victims.sort(key=lambda other: plan.enst(other))
@@ -88,13 +99,22 @@ class KvMemory:
         """Whether evicting `job` drops its KV rather than swapping it out."""
         return not (
             self.config.swaps
-            and self.costs.prefer_swap(len(job.block_ids), job.num_computed_tokens)
+            and self.costs.prefer_swap(self._num_private_blocks(job), job.num_computed_tokens)
         )
 
+    def _num_private_blocks(self, job: Job) -> int:
+        return len(job.block_ids) - self.blocks.num_shared_blocks(job)
+
     def evict(self, job: Job, plan: Plan) -> None:
-        if not self._would_recompute(job):
-            plan.swap_out.append(BlockMove(job.job_id, list(job.block_ids)))
-            job.num_host_blocks = len(job.block_ids)
+        """Drops `job`'s references. Swapped out, only the blocks nobody else holds move to
+        the kvstore; its leading blocks shared with other jobs stay cached on the device, to be
+        taken back by name (or, if they are gone by then, the job is recomputed)."""
+        num_shared = self.blocks.num_shared_blocks(job)
+        if num_shared < len(job.block_ids) and not self._would_recompute(job):
+            moved = job.block_ids[num_shared:]
+            plan.swap_out.append(BlockMove(job.job_id, moved))
+            job.num_host_blocks = len(moved)
+            job.num_shared_blocks = num_shared
             self.blocks.free(job)
             job.kv_state = KvState.SWAPPING_OUT
             job.num_swaps += 1
@@ -106,14 +126,37 @@ class KvMemory:
     def swap_in_if_room(self, job: Job, plan: Plan) -> bool:
         if plan.short_of_blocks or job.job_id in plan.swapping_in:
             return False
-        if not self.make_room(job, job.num_host_blocks, plan):
+        prefix = self._shared_prefix(job)
+        if prefix is None:
             return False
-        self.blocks.allocate_blocks(job, job.num_host_blocks)
-        job.kv_state = KvState.SWAPPING_IN
-        plan.swap_in.append(BlockMove(job.job_id, list(job.block_ids)))
+        if not self.make_room(job, self._num_to_restore(job, prefix), plan):
+            return False
+        self._start_swap_in(job, prefix, plan)
         plan.swapping_in.add(job.job_id)
-        self.swaps_in_flight.add(job.job_id)
         return True
+
+    def _shared_prefix(self, job: Job) -> list[int] | None:
+        """The cached blocks a swapped-out job left on the device; None, and the job is
+        recomputed, when some are gone."""
+        names = job.block_hashes[: job.num_shared_blocks]
+        found = self.blocks.find(names)
+        if len(found) == len(names):
+            return found
+        self._free_on_workers(job)  # the kvstore copy is of no use without the prefix
+        self.drop_kv(job)
+        return None
+
+    def _num_to_restore(self, job: Job, prefix: list[int]) -> int:
+        """Free blocks a swap-in uses up: its own, and the cached prefix nobody holds now."""
+        return job.num_host_blocks + self.blocks.num_evictable(prefix)
+
+    def _start_swap_in(self, job: Job, prefix: list[int], plan: Plan) -> None:
+        self.blocks.share(job, prefix)
+        self.blocks.allocate_blocks(job, job.num_host_blocks)
+        job.num_shared_blocks = 0
+        job.kv_state = KvState.SWAPPING_IN
+        plan.swap_in.append(BlockMove(job.job_id, job.block_ids[len(prefix) :]))
+        self.swaps_in_flight.add(job.job_id)
 
     def keep_reserve(self, plan: Plan) -> None:
         """Proactive swap-out: keep `reserve_blocks` free for arrivals, taking blocks from the
@@ -148,12 +191,12 @@ class KvMemory:
         # swaps straight back out what was just prefetched.
         headroom = self.config.reserve_blocks + len(plan.chunks)
         for job in waiting:
-            if self.blocks.num_free_blocks - job.num_host_blocks < headroom:
+            prefix = self._shared_prefix(job)
+            if prefix is None:
+                continue  # recomputed instead
+            if self.blocks.num_free_blocks - self._num_to_restore(job, prefix) < headroom:
                 break
-            self.blocks.allocate_blocks(job, job.num_host_blocks)
-            job.kv_state = KvState.SWAPPING_IN
-            plan.swap_in.append(BlockMove(job.job_id, list(job.block_ids)))
-            self.swaps_in_flight.add(job.job_id)
+            self._start_swap_in(job, prefix, plan)
 
     def apply_swap_result(self, result: SwapResult, job: Job | None) -> None:
         self.swaps_in_flight.discard(result.job_id)
@@ -190,6 +233,7 @@ class KvMemory:
     def drop_kv(self, job: Job) -> None:
         job.num_computed_tokens = 0
         job.num_host_blocks = 0
+        job.num_shared_blocks = 0
         job.kv_state = KvState.NONE
         job.num_preemptions += 1
         self.counters.num_recomputed_jobs += 1

@@ -131,7 +131,7 @@ class MlfqPolicy(Policy):
         return next((k for k, q in enumerate(self.quanta) if q >= prefill), len(self.quanta) - 1)
 
     def add(self, job: Job, now: float) -> int:
-        level = self.join_level(job.num_prompt_tokens)
+        level = self.join_level(job.num_uncached_prompt_tokens)
         self._move(job, level, allowance=self.quanta[level])
         self._waiting_since[job.job_id] = now
         return level

@@ -111,6 +111,8 @@ class SchedulerCore:
             self.counters.num_rejected_jobs += 1
             return [_event(job, EventKind.REJECTED, error=str(exc))]
         job.arrival_time = self._clock()
+        # An estimate for skip-join (what it will find in the cache when it first runs).
+        job.num_cached_tokens = len(self.blocks.cached_prefix(job)) * self.config.block_size
         self._jobs[job.job_id] = job
         level = self.policy.add(job, job.arrival_time)
         return [_event(job, EventKind.QUEUED, queue_level=level)]
@@ -229,6 +231,7 @@ class SchedulerCore:
             if job is None or job.num_computed_tokens != chunk.start_pos:
                 continue  # cancelled or recomputed meanwhile
             job.num_computed_tokens += len(chunk.token_ids)
+            self.blocks.register(job)
             if not chunk.sample:
                 continue
             token = tokens.get(job.job_id)
@@ -236,7 +239,10 @@ class SchedulerCore:
                 raise RuntimeError(f"worker returned no token for job {job.job_id}")
             job.output_token_ids.append(token)
             found = logprobs.get(job.job_id) if logprobs else None
-            fields: dict[str, Any] = {"token_ids": [token]}
+            fields: dict[str, Any] = {
+                "token_ids": [token],
+                "num_cached_tokens": job.num_cached_tokens,
+            }
             if found is not None:
                 fields["logprobs"] = [found]
             reason = self._finish_reason(job, token)
@@ -245,7 +251,14 @@ class SchedulerCore:
             else:
                 self.counters.num_finished_jobs += 1
                 self._finish(job, reason)
-                events.append(_event(job, EventKind.FINISHED, finish_reason=reason, **fields))
+                events.append(
+                    _event(
+                        job,
+                        EventKind.FINISHED,
+                        finish_reason=reason,
+                        **fields,
+                    )
+                )
         return events
 
     def apply_swaps(self, swaps_done: Sequence[SwapResult]) -> None:
@@ -283,6 +296,7 @@ class SchedulerCore:
             ),
             num_total_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
+            num_cached_blocks=self.blocks.num_cached_blocks,
             num_swaps_in_flight=len(memory.swaps_in_flight),
             num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
             swap_bytes_per_s=memory.costs.bytes_per_s,
@@ -310,14 +324,45 @@ class SchedulerCore:
                 if self.config.backfill:
                     continue
                 break
-            num_new = min(job.num_uncomputed_tokens, plan.budget)
-            if not memory.make_room(job, self.blocks.num_new_blocks(job, num_new), plan):
+            prefix = self.blocks.cached_prefix(job)  # for a job with nothing computed
+            num_cached = len(prefix) * self.config.block_size
+            num_new = min(job.num_uncomputed_tokens - num_cached, plan.budget)
+            num_blocks = num_blocks_for(
+                job.num_computed_tokens + num_cached + num_new, self.config.block_size
+            )
+            if not self._make_room(
+                job, num_blocks - len(job.block_ids) - len(prefix), prefix, plan
+            ):
                 plan.blocked.append(job.job_id)
                 plan.short_of_blocks = True
                 if self.config.backfill:
                     continue  # backfill: jobs behind it may still fit
                 break
+            if self.config.prefix_caching and not job.block_ids:
+                self._take_prefix(job, prefix)
             self._add_chunk(job, num_new, plan)
+
+    def _make_room(self, job: Job, num_new_blocks: int, prefix: list[int], plan: Plan) -> bool:
+        """Room for `num_new_blocks` and for the cached `prefix`: taking a cached block nobody
+        holds uses up a free one, as a new block does, and evicting the jobs that held one
+        makes it such a block."""
+        while True:
+            room = num_new_blocks + self.blocks.num_evictable(prefix)
+            if self.blocks.num_free_blocks >= room:
+                return True
+            if not self.memory.make_room(job, room, plan):
+                return False
+
+    def _take_prefix(self, job: Job, prefix: list[int]) -> None:
+        """A job starting from nothing begins with the cached blocks of its prefix."""
+        num_cached = len(prefix) * self.config.block_size
+        self.counters.num_prefix_query_tokens += job.num_tokens
+        self.counters.num_prefix_hit_tokens += num_cached
+        if job.status is JobStatus.WAITING:  # what its usage reports: its first prefill
+            job.num_cached_tokens = num_cached
+        if prefix:
+            self.blocks.share(job, prefix)
+            job.num_computed_tokens = num_cached
 
     def _add_chunk(self, job: Job, num_new: int, plan: Plan) -> None:
         self.blocks.allocate(job, num_new)

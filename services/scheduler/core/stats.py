@@ -24,6 +24,8 @@ class Counters:
     num_swapped_out_jobs: int = 0  # swap-outs started
     num_swapped_in_jobs: int = 0  # swap-ins completed
     num_swap_failures: int = 0  # swaps the kvstore refused or lost (jobs recomputed)
+    num_prefix_query_tokens: int = 0  # tokens of jobs that looked up the prefix cache
+    num_prefix_hit_tokens: int = 0  # ... of them found cached on the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +35,8 @@ class SchedulerStats:
     num_running_jobs: int = 0  # in flight or in the last batch
     num_preempted_jobs: int = 0  # ran before, not running now
     num_total_blocks: int = 0
-    num_free_blocks: int = 0
+    num_free_blocks: int = 0  # never used, or cached with no reference
+    num_cached_blocks: int = 0  # named in the prefix cache (in use or not)
     num_swaps_in_flight: int = 0
     num_host_jobs: int = 0  # jobs whose KV is in the kvstore now
     swap_bytes_per_s: float = 0.0  # current bandwidth estimate
