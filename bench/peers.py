@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import loadgen, metrics, peer_servers, workload
+from bench import loadgen, metrics, multiturn, peer_servers, workload
 from bench.peer_check import GreedyMismatch, check_greedy, greedy_answer
 from bench.peer_client import burst_tokens_per_s, chunk_counts, run_replay
 from bench.peer_report import Calibration, Run, write_outputs
@@ -370,6 +370,13 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--workload" in argv:  # multi-turn chat: another shape of run, with its own flags
+        index = argv.index("--workload")
+        if argv[index + 1 : index + 2] == ["multiturn"]:
+            return multiturn.main(argv[:index] + argv[index + 2 :])
+        print("bench.peers: --workload takes 'multiturn'", file=sys.stderr)
+        return 2
     args = parse_args(argv)
     started = time.perf_counter()
     num_rates = len(args.rates) if args.rates else len(args.fractions)

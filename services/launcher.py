@@ -110,6 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--no-prefix-cache", action="store_true", help="no sharing of cached prefixes")
     add_flag(
         parser,
+        "--host-cache-blocks",
+        type=int,
+        default=-1,
+        help="cached prefix blocks kept in the kvstore (-1: as many as the device pool; 0: none)",
+    )
+    add_flag(
+        parser,
         "--kvstore-backend",
         default="memory",
         help="kvstore storage: memory, or a Redis URL redis://host:port/db",
@@ -268,6 +275,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
                 "--swap-cost-scale", str(args.swap_cost_scale),
                 *(["--no-prefix-cache"] if args.no_prefix_cache else []),
+                "--host-cache-blocks", str(args.host_cache_blocks),
                 "--max-batch-size", str(args.max_batch_size),
                 "--max-batched-tokens", str(args.max_batched_tokens), *metrics, *common,
             ],

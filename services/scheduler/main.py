@@ -66,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute every prompt from scratch instead of sharing cached prefix blocks",
     )
     add_flag(
+        parser,
+        "--host-cache-blocks",
+        type=int,
+        default=-1,
+        help="cached prefix blocks kept in the kvstore after leaving the device "
+        "(-1: as many as the device pool; 0: none)",
+    )
+    add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
@@ -118,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         prefix_caching=not args.no_prefix_cache,
         # What else fixes a block's content besides its tokens: the model and the stage layout.
         prefix_cache_salt=f"{info.model_name}|{info.dtype}|{'+'.join(map(str, info.layer_split))}",
+        host_cache_blocks=(
+            args.host_cache_blocks if args.host_cache_blocks >= 0 else info.num_blocks
+        ),
     )
     worker.open()
     profile = load_or_measure(

@@ -115,8 +115,12 @@ TABLE: tuple[Series, ...] = (
     ),
     _counter(
         "prefix_cache_hit_tokens",
-        "Of those, tokens whose KV was found cached, by tier (device: in the KV pool)",
-        lambda s: [({"tier": "device"}, s.core.counters.num_prefix_hit_tokens)],
+        "Of those, tokens whose KV was found cached, by tier (device: in the KV pool; host: in "
+        "the kvstore, read back)",
+        lambda s: [
+            ({"tier": "device"}, s.core.counters.num_prefix_hit_tokens),
+            ({"tier": "host"}, s.core.counters.num_prefix_host_hit_tokens),
+        ],
     ),
     _gauge("waiting_jobs", "Jobs waiting (all queue levels)", lambda s: s.core.num_waiting_jobs),
     _gauge(
@@ -139,6 +143,11 @@ TABLE: tuple[Series, ...] = (
         "kv_blocks_cached",
         "Device KV blocks named in the prefix cache, in use or free to evict",
         lambda s: s.core.num_cached_blocks,
+    ),
+    _gauge(
+        "kv_blocks_host_cached",
+        "Cached prefix blocks kept in the kvstore after leaving the device (or on their way)",
+        lambda s: s.core.num_host_cached_blocks,
     ),
     _gauge(
         "worker_kv_blocks_used",

@@ -118,7 +118,8 @@ class Executor:
         blocks are released at once (the scheduler may hand them to another job)."""
         if self.swapper is None:
             raise CommandError("swap_out: this worker has no kvstore (--kvstore-address)")
-        self._check_writable(job_id, block_ids, "swap_out", held=True)
+        self._check_range(job_id, block_ids, "swap_out")
+        self._check_writable(job_id, block_ids, "swap_out")
         self.swapper.swap_out(job_id, block_ids)
         self._release([job_id])
 
@@ -143,17 +144,14 @@ class Executor:
             if not 0 <= block_id < self.runner.num_blocks:
                 raise CommandError(f"{field}[{job_id}].block_ids: {block_id} out of range")
 
-    def _check_writable(
-        self, job_id: str, block_ids: Sequence[int], field: str, held: bool = False
-    ) -> None:
-        """A job writes (or swaps out) only blocks no other job holds: blocks shared through
-        the prefix cache are read-only. `held`: the job must hold them itself."""
+    def _check_writable(self, job_id: str, block_ids: Sequence[int], field: str) -> None:
+        """A job writes, or swaps out, only blocks no other job holds: blocks shared through
+        the prefix cache are read-only while jobs hold them. (A swap-out of blocks nobody
+        holds is the prefix cache keeping cached blocks in the kvstore.)"""
         for block_id in block_ids:
             others = self._holders.get(block_id, set()) - {job_id}
             if others:
                 raise _shared_write(field, job_id, block_id, others)
-            if held and job_id not in self._holders.get(block_id, ()):
-                raise CommandError(f"{field}[{job_id}].block_ids: block {block_id} is not its")
 
     def _hold(self, job_id: str, block_ids: Iterable[int]) -> None:
         blocks = self._blocks_of.setdefault(job_id, set())

@@ -67,6 +67,8 @@ SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
             "workers.numStages=3",
             "workers.pipeline.layerSplit=12\\,10\\,10",  # Llama-3-8B: 32 layers
             "frontend.autoscaling.enabled=true",
+            "scheduler.prefixCache=false",
+            "scheduler.hostCacheBlocks=0",
         ),
     ),
 }

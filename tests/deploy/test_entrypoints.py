@@ -23,6 +23,7 @@ from tests.deploy.chart import (
     SERVICES,
     fastserve_containers,
     flag_pairs,
+    merged_values,
 )
 
 # Stand-ins for `$(VAR)` in arguments and for variables the pod fills in (valueFrom).
@@ -156,3 +157,12 @@ def test_chart_commands_are_the_launchers(docs, scenario):
             action = flag_action(name, e["name"]) if "value" in e else None
             if action is not None and action.choices:
                 assert e["value"] in action.choices, f"{name}: {e['name']}={e['value']}"
+
+
+def test_prefix_cache_values_reach_the_scheduler(docs, scenario):
+    """scheduler.prefixCache and hostCacheBlocks, as the scheduler parses them."""
+    ctr = fastserve_containers(docs)["scheduler"]
+    args = build_parser("scheduler", chart_env(ctr)).parse_args(ctr["args"][1:])
+    values = merged_values(scenario)["scheduler"]
+    assert args.no_prefix_cache is (not values["prefixCache"])
+    assert args.host_cache_blocks == values["hostCacheBlocks"]

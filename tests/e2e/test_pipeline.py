@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # swapped (swap cost 0: always swap rather than recompute) while S batches are in flight;
 # each stage swaps its own shard and the scheduler joins the stages' completions.
 PRESSURE = ("--kv-blocks", "16", "--max-batch-size", "3", "--reserve-blocks", "2",
-            "--swap-cost-scale", "0")  # fmt: skip
+            "--swap-cost-scale", "0", "--host-cache-blocks", "0")  # fmt: skip
 
 
 def stage_pid(stack: Stack, index: int) -> int:
@@ -58,4 +58,6 @@ def test_stages_give_the_reference_output(
     assert wait[0] == 0 and wait[-1] > 0
     assert not any(stats.per_stage("kv_blocks_used"))
     assert stats["swapped_in_jobs"] > 0 and stats["swap_failures"] == 0, stats
-    assert stats["swap_in_bytes"] == stats["swap_out_bytes"] > 0  # every shard came back
+    # Every shard came back (cached prefix blocks kept in the kvstore only go out: the host
+    # tier is off here, see PRESSURE).
+    assert stats["swap_in_bytes"] == stats["swap_out_bytes"] > 0

@@ -100,9 +100,9 @@ def complete_http(stack: Stack, text: str, stream: bool = False) -> tuple[str, d
     return text, usage
 
 
-def complete(stack: Stack, text: str):
+def complete(stack: Stack, text: str, max_tokens: int = MAX_TOKENS):
     with Client(stack.address, timeout=120) as client:
-        return client.complete(text, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        return client.complete(text, max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
 def start(model_dir: Path, *flags: str) -> Stack:
@@ -115,7 +115,7 @@ def start(model_dir: Path, *flags: str) -> Stack:
 def check_exact(model, tokenizer, outputs: dict[str, list[int]], texts: dict[str, str]) -> None:
     for name, tokens in outputs.items():
         prompt_ids = encode_prompt(tokenizer, texts[name])
-        assert_greedy_matches(model, prompt_ids, tokens, hf_greedy(model, prompt_ids, MAX_TOKENS))
+        assert_greedy_matches(model, prompt_ids, tokens, hf_greedy(model, prompt_ids, len(tokens)))
 
 
 def test_shared_prefixes_are_exact_reported_and_counted(
@@ -164,9 +164,11 @@ def test_shared_prefixes_are_exact_reported_and_counted(
     assert hits and float(hits.group(1)) >= sum(c for _, c in expected.values())
 
 
-def run_concurrently(stack: Stack, texts: list[str], pause=None) -> list[list[int]]:
+def run_concurrently(
+    stack: Stack, texts: list[str], pause=None, max_tokens: int = MAX_TOKENS
+) -> list[list[int]]:
     with ThreadPoolExecutor(len(texts)) as pool:
-        futures = [pool.submit(complete, stack, t) for t in texts]
+        futures = [pool.submit(complete, stack, t, max_tokens) for t in texts]
         if pause is not None:
             pause()
         return [f.result().token_ids for f in futures]
@@ -196,14 +198,14 @@ def test_shared_prefixes_stay_exact_under_pressure(
                         return pid
                 raise AssertionError("no worker")
 
-            deadline = time.monotonic() + 60
-            while stack.scheduler_stats()["finished_jobs"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # Once the rush runs (they take 40 tokens each: long enough to be killed mid-way).
+            stack.wait_for_stats(lambda s: s["running_jobs"] > 0, timeout_s=60)
             os.kill(worker_pid(), signal.SIGKILL)
 
     try:
         complete(stack, WARM)  # the shared prefix is cached before the rush
-        outputs = run_concurrently(stack, texts, pause)
+        max_tokens = 40 if setting == "worker restart" else MAX_TOKENS
+        outputs = run_concurrently(stack, texts, pause, max_tokens)
         stats = stack.wait_until_idle()
     finally:
         assert stack.stop() == 0
@@ -218,3 +220,59 @@ def test_shared_prefixes_stay_exact_under_pressure(
         assert stats["recomputed_jobs"] > 0
     else:
         assert stats["swapped_out_jobs"] > 0 or stats["recomputed_jobs"] > 0  # under pressure
+
+
+def host_hits(stats) -> float:
+    return sum(
+        v for labels, v in stats.samples("prefix_cache_hit_tokens") if labels["tier"] == "host"
+    )
+
+
+def child_pid(stack: Stack, role: str) -> int:
+    for pid in stack.child_pids():
+        if role in Path(f"/proc/{pid}/cmdline").read_text().split("\0"):
+            return pid
+    raise AssertionError(f"no {role}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+def test_an_evicted_prefix_comes_back_from_the_kvstore_or_is_recomputed(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer, stages
+):
+    """WARM's blocks, pushed off the device by a prompt that needs the whole pool, are kept in
+    the kvstore and read back for the next prompt that starts with WARM; after the kvstore
+    restarts, the same is recomputed, exactly, and nothing fails."""
+    words = []
+    while len(encode_prompt(tiny_tokenizer, " ".join(words))) < 270:  # of a 320-token pool
+        words.append(f"filler{len(words)}")
+    filler = " ".join(words)
+    texts = {"again": WARM + " once more", "after restart": WARM + " and after the restart"}
+    flags = ("--kv-blocks", "20", "--swap-cost-scale", "0", "--stages", str(stages))
+    stack = start(tiny_model_dir, *flags)
+    try:
+        complete(stack, WARM)
+        complete(stack, filler)
+        stats = stack.wait_for_stats(lambda s: s["kv_blocks_host_cached"] > 0, timeout_s=30)
+        assert stats["kv_blocks_host_cached"] > 0
+        again = complete(stack, texts["again"])
+        loaded = host_hits(stack.wait_until_idle())
+        complete(stack, filler + " again")  # WARM's blocks go to the kvstore once more
+        stack.wait_for_stats(lambda s: s["swaps_in_flight"] == 0, timeout_s=30)
+        os.kill(child_pid(stack, "kvstore"), signal.SIGKILL)  # the launcher starts a new one
+        time.sleep(2)
+        after = complete(stack, texts["after restart"])
+        final = stack.wait_until_idle()
+    finally:
+        assert stack.stop() == 0
+    assert loaded >= 4 * BLOCK
+    assert again.usage.cached_prompt_tokens >= loaded
+    check_exact(
+        tiny_hf_model,
+        tiny_tokenizer,
+        {"again": again.token_ids, "after restart": after.token_ids},
+        texts,
+    )
+    # After the restart WARM's copies were gone: the load failed and the job computed them.
+    assert final["swap_failures"] > 0
+    assert host_hits(final) >= loaded  # a failed load is not counted as a hit

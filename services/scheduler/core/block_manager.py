@@ -48,6 +48,10 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}  # cached block -> its name
         self._block_of: dict[bytes, int] = {}  # name -> cached block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        # Cached blocks reused for other content since the last take_evicted(), with their
+        # names, when someone wants them (the host tier): kept only when keep_evicted is set.
+        self.keep_evicted = False
+        self._evicted: list[tuple[bytes, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -188,8 +192,17 @@ class BlockManager:
         if self._free:
             return self._free.popleft()
         block_id, _ = self._evictable.popitem(last=False)  # least recently released
-        del self._block_of[self._hash_of.pop(block_id)]
+        name = self._hash_of.pop(block_id)
+        del self._block_of[name]
+        if self.keep_evicted:
+            self._evicted.append((name, block_id))
         return block_id
+
+    def take_evicted(self) -> list[tuple[bytes, int]]:
+        """(name, block) of the cached blocks handed out for other content since last asked:
+        their old content is still there until the next step writes them."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def _release(self, block_id: int) -> None:
         refs = self._refs[block_id] - 1

@@ -30,6 +30,9 @@ class SchedulerConfig:
     # common; the salt names what else fixes a block's content (model, stage layout).
     prefix_caching: bool = False
     prefix_cache_salt: str = ""
+    # Host tier: cached blocks evicted from the device kept in the kvstore (this many at most;
+    # 0: off; needs swap_enabled) and read back for jobs whose prefix is there.
+    host_cache_blocks: int = 0
 
     def __post_init__(self) -> None:
         sizes = {
@@ -45,12 +48,18 @@ class SchedulerConfig:
             raise ValueError("max_batched_tokens must be >= max_batch_size")
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}")
+        if self.host_cache_blocks < 0:
+            raise ValueError("host_cache_blocks must be >= 0")
         if not 0 <= self.reserve_blocks < self.num_blocks:
             raise ValueError("reserve_blocks must be in [0, num_blocks)")
 
     @property
     def swaps(self) -> bool:
         return self.swap_enabled and self.kv_policy != "recompute"
+
+    @property
+    def host_cache(self) -> bool:
+        return self.prefix_caching and self.swap_enabled and self.host_cache_blocks > 0
 
     @property
     def proactive(self) -> bool:

@@ -12,10 +12,13 @@ the blocks) makes the job recompute from its token ids: nothing is lost but time
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from services.scheduler.core.block_manager import BlockManager
 from services.scheduler.core.config import SchedulerConfig
 from services.scheduler.core.decision import BlockMove, SwapResult
-from services.scheduler.core.job import Job, KvState
+from services.scheduler.core.host_cache import HostPrefixCache, is_host_job
+from services.scheduler.core.job import Job, JobStatus, KvState
 from services.scheduler.core.plan import Plan
 from services.scheduler.core.stats import Counters
 from services.scheduler.core.swap_cost import SwapCostModel
@@ -30,17 +33,24 @@ class KvMemory:
             prefix_caching=config.prefix_caching,
             salt=config.prefix_cache_salt,
         )
+        self.blocks.keep_evicted = config.host_cache
+        self.host = HostPrefixCache(config.host_cache_blocks if config.host_cache else 0)
         self.costs = costs
         self.pending_free: list[str] = []  # jobs whose worker blocks / kvstore copy to release
         self.swaps_in_flight: set[str] = set()
         self.counters = counters
 
+    @property
+    def has_pending_free(self) -> bool:
+        return bool(self.pending_free or self.host.to_delete)
+
     def take_pending_free(self) -> list[str]:
         pending, self.pending_free = self.pending_free, []
-        return pending
+        return pending + self.host.take_deletes()
 
     def release(self, job: Job) -> None:
         """A finished or cancelled job: its device blocks and any kvstore copy go."""
+        self.host.forget_job(job.job_id)
         if job.block_ids or job.kv_state is not KvState.NONE:
             self.blocks.free(job)
             self._free_on_workers(job)
@@ -61,6 +71,8 @@ class KvMemory:
         self.swaps_in_flight.clear()
         self.pending_free = lost
         self.blocks.drop_cache()
+        self.blocks.take_evicted()
+        self.host.lost_workers()
 
     def make_room(self, job: Job, num_blocks: int, plan: Plan) -> bool:
         """Evicts jobs behind `job` in the order until `num_blocks` are free; False if it
@@ -180,17 +192,33 @@ class KvMemory:
             self.evict(job, plan)
 
     def prefetch(self, plan: Plan) -> None:
-        """Proactive swap-in: bring back the swapped-out jobs expected to run soonest, while
-        the free blocks stay above the reserve."""
+        """Proactive swap-in: bring back the swapped-out jobs expected to run soonest, and the
+        prefixes in the kvstore of waiting jobs that have not started, while the free blocks
+        stay above the reserve."""
         if plan.short_of_blocks:
             return
-        waiting = [job for job in plan.order if job.kv_state is KvState.HOST]
+        waiting = [
+            job
+            for job in plan.order
+            if job.kv_state is KvState.HOST
+            or (self.host.num_stored and job.kv_state is KvState.NONE and not job.block_ids)
+        ]
         waiting.sort(key=lambda job: plan.enst(job))
         # Hysteresis: leave room for the running jobs' next blocks on top of the reserve, or
         # the next iteration's growth pushes free blocks under the reserve and keep_reserve
         # swaps straight back out what was just prefetched.
         headroom = self.config.reserve_blocks + len(plan.chunks)
         for job in waiting:
+            if job.kv_state is KvState.NONE:
+                cached = self.blocks.cached_prefix(job)
+                names = self.host_prefix(job, len(cached))
+                if not names:
+                    continue
+                need = len(names) + self.blocks.num_evictable(cached)
+                if self.blocks.num_free_blocks - need < headroom:
+                    break
+                self.load_prefix(job, cached, names, plan)
+                continue
             prefix = self._shared_prefix(job)
             if prefix is None:
                 continue  # recomputed instead
@@ -198,10 +226,15 @@ class KvMemory:
                 break
             self._start_swap_in(job, prefix, plan)
 
-    def apply_swap_result(self, result: SwapResult, job: Job | None) -> None:
+    def apply_swap_result(self, result: SwapResult, job_of: Callable[[str], Job | None]) -> None:
+        """A swap the workers finished; `job_of` finds a job by id."""
         self.swaps_in_flight.discard(result.job_id)
         if result.ok:
             self.costs.observe(result.num_bytes, result.duration_s)
+        if is_host_job(result.job_id):
+            self._apply_host_result(result, job_of)
+            return
+        job = job_of(result.job_id)
         if job is None:
             return  # finished or cancelled meanwhile; the worker already dropped its copy
         expected = KvState.SWAPPING_IN if result.swap_in else KvState.SWAPPING_OUT
@@ -218,6 +251,74 @@ class KvMemory:
             self.counters.num_swapped_in_jobs += 1
         else:
             job.kv_state = KvState.HOST
+
+    # -- the prefix cache's host tier ---------------------------------------------------------
+
+    def count_prefix(self, job: Job, num_device_blocks: int, num_host_blocks: int = 0) -> None:
+        """A job starting from nothing looked its prefix up. (Host hits count once the blocks
+        have landed: a load that fails is no hit.)"""
+        size = self.config.block_size
+        self.counters.num_prefix_query_tokens += job.num_tokens
+        self.counters.num_prefix_hit_tokens += num_device_blocks * size
+        if job.status is JobStatus.WAITING:  # what its usage reports: its first prefill
+            job.num_cached_tokens = (num_device_blocks + num_host_blocks) * size
+
+    def spill_evicted(self, plan: Plan) -> None:
+        """Cached blocks handed out for other content this iteration go to the kvstore first:
+        the workers copy swap-outs off before the step (or a swap-in) writes the blocks."""
+        for name, block_id in self.blocks.take_evicted():
+            move = self.host.spill(name, block_id)
+            if move is not None:
+                plan.swap_out.append(move)
+                self.swaps_in_flight.add(move.job_id)
+
+    def host_prefix(self, job: Job, num_device_blocks: int) -> list[bytes]:
+        """Names of the job's blocks after its `num_device_blocks` cached on the device that the
+        kvstore holds, when reading them back is cheaper than computing them."""
+        if not self.host.num_stored or job.block_ids or job.num_computed_tokens:
+            return []
+        limit = (job.num_tokens - 1) // self.config.block_size
+        names = self.host.find(self.blocks.block_hashes(job, limit)[num_device_blocks:])
+        if not names:
+            return []
+        # One way of a swap (the model's cost is for out and back in), against computing them.
+        read_s = self.costs.swap_cost(len(names)) / 2
+        if read_s >= self.costs.recompute_cost(len(names) * self.config.block_size):
+            return []
+        return names
+
+    def load_prefix(self, job: Job, prefix: list[int], names: list[bytes], plan: Plan) -> None:
+        """The job starts with its device-cached `prefix`, then blocks read back from the
+        kvstore (room for them is made already); it runs once they have all landed."""
+        self.count_prefix(job, len(prefix), len(names))
+        self.blocks.share(job, prefix)
+        self.blocks.allocate_blocks(job, len(names))
+        targets = job.block_ids[len(prefix) :]
+        host_ids = self.host.start_load(job.job_id, names)
+        for host_id, block_id in zip(host_ids, targets, strict=True):
+            plan.swap_in.append(BlockMove(host_id, [block_id]))
+            self.swaps_in_flight.add(host_id)
+        job.num_computed_tokens = len(job.block_ids) * self.config.block_size
+        job.kv_state = KvState.SWAPPING_IN
+
+    def _apply_host_result(self, result: SwapResult, job_of: Callable[[str], Job | None]) -> None:
+        if not result.swap_in:
+            self.host.spill_done(result.job_id, result.ok)
+            return
+        waiter = self.host.waiter(result.job_id)
+        job = job_of(waiter) if waiter is not None else None
+        if not result.ok:  # the kvstore lost it, or was restarted: the job computes it instead
+            if waiter is not None:
+                self.counters.num_swap_failures += 1
+                self.host.forget_job(waiter)  # its other loads are freed (after they finish)
+            if job is not None and job.kv_state is KvState.SWAPPING_IN:
+                self.preempt_by_recompute(job)
+            return
+        if self.host.load_done(result.job_id) and job is not None:
+            job.kv_state = KvState.DEVICE
+            num_loaded = len(job.block_ids) - job.num_registered_blocks  # after its prefix
+            self.counters.num_prefix_host_hit_tokens += num_loaded * self.config.block_size
+            self.blocks.register(job)  # the loaded blocks are named on the device again
 
     def preempt_by_recompute(self, job: Job) -> None:
         self.blocks.free(job)

@@ -112,7 +112,9 @@ class SchedulerCore:
             return [_event(job, EventKind.REJECTED, error=str(exc))]
         job.arrival_time = self._clock()
         # An estimate for skip-join (what it will find in the cache when it first runs).
-        job.num_cached_tokens = len(self.blocks.cached_prefix(job)) * self.config.block_size
+        prefix = self.blocks.cached_prefix(job)
+        num_host = len(self.memory.host_prefix(job, len(prefix)))
+        job.num_cached_tokens = (len(prefix) + num_host) * self.config.block_size
         self._jobs[job.job_id] = job
         level = self.policy.add(job, job.arrival_time)
         return [_event(job, EventKind.QUEUED, queue_level=level)]
@@ -141,7 +143,7 @@ class SchedulerCore:
     # -- one iteration ---------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._jobs) or bool(self.memory.pending_free)
+        return bool(self._jobs) or self.memory.has_pending_free
 
     @property
     def num_swaps_in_flight(self) -> int:
@@ -185,6 +187,7 @@ class SchedulerCore:
         if self.config.proactive:
             memory.keep_reserve(plan)
             memory.prefetch(plan)
+        memory.spill_evicted(plan)  # cached blocks this plan reuses: to the kvstore first
         self.counters.num_iterations += 1
         scheduled_ids = [chunk.job_id for chunk in plan.chunks]
         decision = Decision(
@@ -264,7 +267,7 @@ class SchedulerCore:
     def apply_swaps(self, swaps_done: Sequence[SwapResult]) -> None:
         """Background swaps the workers finished (also reported outside an iteration)."""
         for result in swaps_done:
-            self.memory.apply_swap_result(result, self._jobs.get(result.job_id))
+            self.memory.apply_swap_result(result, self._jobs.get)
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -297,6 +300,7 @@ class SchedulerCore:
             num_total_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
             num_cached_blocks=self.blocks.num_cached_blocks,
+            num_host_cached_blocks=memory.host.num_blocks,
             num_swaps_in_flight=len(memory.swaps_in_flight),
             num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
             swap_bytes_per_s=memory.costs.bytes_per_s,
@@ -325,6 +329,13 @@ class SchedulerCore:
                     continue
                 break
             prefix = self.blocks.cached_prefix(job)  # for a job with nothing computed
+            names = memory.host_prefix(job, len(prefix))  # and what follows, in the kvstore
+            if names and self._make_room(job, len(names), prefix, plan):
+                memory.load_prefix(job, prefix, names, plan)
+                plan.blocked.append(job.job_id)  # it runs once the blocks have landed
+                if self.config.backfill:
+                    continue
+                break
             num_cached = len(prefix) * self.config.block_size
             num_new = min(job.num_uncomputed_tokens - num_cached, plan.budget)
             num_blocks = num_blocks_for(
@@ -355,14 +366,10 @@ class SchedulerCore:
 
     def _take_prefix(self, job: Job, prefix: list[int]) -> None:
         """A job starting from nothing begins with the cached blocks of its prefix."""
-        num_cached = len(prefix) * self.config.block_size
-        self.counters.num_prefix_query_tokens += job.num_tokens
-        self.counters.num_prefix_hit_tokens += num_cached
-        if job.status is JobStatus.WAITING:  # what its usage reports: its first prefill
-            job.num_cached_tokens = num_cached
+        self.memory.count_prefix(job, len(prefix))
         if prefix:
             self.blocks.share(job, prefix)
-            job.num_computed_tokens = num_cached
+            job.num_computed_tokens = len(prefix) * self.config.block_size
 
     def _add_chunk(self, job: Job, num_new: int, plan: Plan) -> None:
         self.blocks.allocate(job, num_new)

@@ -26,6 +26,7 @@ class Counters:
     num_swap_failures: int = 0  # swaps the kvstore refused or lost (jobs recomputed)
     num_prefix_query_tokens: int = 0  # tokens of jobs that looked up the prefix cache
     num_prefix_hit_tokens: int = 0  # ... of them found cached on the device
+    num_prefix_host_hit_tokens: int = 0  # ... found in the kvstore and read back
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class SchedulerStats:
     num_total_blocks: int = 0
     num_free_blocks: int = 0  # never used, or cached with no reference
     num_cached_blocks: int = 0  # named in the prefix cache (in use or not)
+    num_host_cached_blocks: int = 0  # cached blocks kept in the kvstore (or on their way)
     num_swaps_in_flight: int = 0
     num_host_jobs: int = 0  # jobs whose KV is in the kvstore now
     swap_bytes_per_s: float = 0.0  # current bandwidth estimate
