@@ -340,6 +340,19 @@ def run(args: argparse.Namespace) -> list[ServerResult]:
     return results
 
 
+def handoff(argv: list[str], prog: str, peer: str) -> int | None:
+    """Another benchmark given `--workload multiturn`: runs this one with the rest of its
+    arguments (and `--peer peer` unless they name one); None without `--workload`."""
+    if "--workload" not in argv:
+        return None
+    index = argv.index("--workload")
+    if argv[index + 1 : index + 2] != ["multiturn"]:
+        print(f"{prog}: --workload takes 'multiturn'", file=sys.stderr)
+        return 2
+    rest = argv[:index] + argv[index + 2 :]
+    return main(rest if "--peer" in rest else [*rest, "--peer", peer])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)

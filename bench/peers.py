@@ -371,12 +371,9 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--workload" in argv:  # multi-turn chat: another shape of run, with its own flags
-        index = argv.index("--workload")
-        if argv[index + 1 : index + 2] == ["multiturn"]:
-            return multiturn.main(argv[:index] + argv[index + 2 :])
-        print("bench.peers: --workload takes 'multiturn'", file=sys.stderr)
-        return 2
+    # Multi-turn chat is another shape of run, with its own flags: FastServe against vLLM.
+    if (code := multiturn.handoff(argv, "bench.peers", peer="vllm")) is not None:
+        return code
     args = parse_args(argv)
     started = time.perf_counter()
     num_rates = len(args.rates) if args.rates else len(args.fractions)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import loadgen, metrics, workload
+from bench import loadgen, metrics, multiturn, workload
 from bench.metrics import RunMetrics
 from bench.variants import Variant, parse_variant
 from fastserve_client import Client
@@ -445,6 +445,12 @@ def plot(path: Path, sweep: Sweep, attr: str, title: str, line: tuple[float, str
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Multi-turn chat: FastServe with its prefix cache and without it, no peer.
+    if (code := multiturn.handoff(argv, "bench.policies", peer="none")) is not None:
+        if code:
+            raise SystemExit(code)
+        return
     args = parse_args(argv)
     started = time.perf_counter()
     model = tiny_llama_dir() if args.model == "tiny" else args.model

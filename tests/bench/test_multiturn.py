@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from bench import multiturn, peers
+from bench import multiturn, peers, policies
 from bench.multiturn import ServerResult, Turn
 
 
@@ -49,8 +49,16 @@ def test_the_report_gives_ttft_by_kind_and_the_ratios():
     assert "| vllm | 2000 | 400 | 500 | not reported | 0 |" in multiturn.report([peer], args)
 
 
-def test_peers_hands_the_multiturn_workload_over_and_refuses_others():
+def test_peers_and_policies_hand_the_multiturn_workload_over_and_refuse_others(monkeypatch):
     assert peers.main(["--workload", "sharegpt"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        policies.main(["--workload", "sharegpt"])
+    assert exited.value.code == 2
+    handed = []
+    monkeypatch.setattr(multiturn, "main", lambda argv: handed.append(argv) or 0)
+    assert peers.main(["--workload", "multiturn", "--turns", "2"]) == 0
+    policies.main(["--turns", "3", "--workload", "multiturn"])
+    assert handed == [["--turns", "2", "--peer", "vllm"], ["--turns", "3", "--peer", "none"]]
 
 
 @pytest.mark.e2e
