@@ -1,58 +1,37 @@
 """`fastserve up`: every service as its own OS process on this machine.
 
 Starts the kvstore, worker, scheduler and frontend at once (model loading overlaps), waits until
-each reports SERVING on its gRPC health service, then prints one `ready` line. It supervises
-them: if one exits, it names it, stops the rest and exits non-zero, so a half-running stack never
-looks healthy. SIGTERM / SIGINT stop every child; children also get SIGTERM if the launcher
-itself dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+each prints its ready line, then prints one `ready` line. It supervises them (services/
+supervisor.py): a worker or the kvstore that dies is started again, within a restart budget
+(services/restart_budget.py); if the scheduler or frontend exits, or a child is in a crash loop,
+it names it, stops the rest and exits non-zero, so a half-running stack never looks healthy.
+SIGTERM / SIGINT stop every child; children also get SIGTERM if the launcher itself dies
+(PR_SET_PDEATHSIG), so nothing is orphaned. Which service flags `up` takes and hands on:
+services/up_flags.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 
+from services import up_flags
 from services.common.flags import add_flag
-from services.common.health import is_serving
 from services.common.logs import LOG_LEVELS, setup_logging
-from services.common.model_source import DEFAULT_MODEL, LOAD_FORMATS
-from services.scheduler.core.config import KV_POLICIES
+from services.common.model_source import DEFAULT_MODEL
 from services.scheduler.policy_flags import add_policy_arguments, policy_argv
+from services.supervisor import Child, Supervisor
+from services.up_flags import FRONTEND, KVSTORE, SCHEDULER, WORKER, service_argv, service_env
 from services.worker.stage_layout import parse_layer_split
 
-log = logging.getLogger("launcher")
-
-STOP_GRACE_S = 8.0
-MAX_RESTARTS = 5
-_PR_SET_PDEATHSIG = 1
 DEFAULT_HTTP_PORT = 8000
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    address: str
-    process: subprocess.Popen | None = None
-    ready: bool = False
-    # Its state is only a cache that the others rebuild (the kvstore: swapped-out jobs are
-    # recomputed), so if it dies it is started again instead of stopping the stack.
-    restartable: bool = False
-    num_restarts: int = 0
-    pass_fds: tuple[int, ...] = ()  # inherited sockets (stage 0's rendezvous store)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--model", default=DEFAULT_MODEL, help="model name, HF folder or .gguf")
-    add_flag(parser, "--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random")
     add_flag(parser, "--host", default="127.0.0.1", help="interface for the public port")
     add_flag(parser, "--grpc-port", type=int, default=50051, help="public gRPC port (0 picks one)")
     add_flag(
@@ -76,10 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
     add_policy_arguments(parser)
-    add_flag(parser, "--max-batch-size", type=int, default=16, help="jobs per iteration")
-    add_flag(parser, "--max-batched-tokens", type=int, default=2048, help="tokens per iteration")
     add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
-    add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16")
     add_flag(
         parser,
         "--worker-threads",
@@ -88,42 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute threads per worker (0: this machine's CPUs shared out among the stages, "
         "each stage pinned to its own; see docs/engine-cpu.md)",
     )
-    add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
-    add_flag(
-        parser,
-        "--kv-blocks",
-        "--num-blocks",
-        dest="num_blocks",
-        type=int,
-        default=0,
-        help="device KV blocks per worker, to force memory pressure (0: from --kv-bytes)",
-    )
-    add_flag(
-        parser,
-        "--kv-policy",
-        default="proactive",
-        choices=KV_POLICIES,
-        help="KV under preemption: swap ahead of need, swap at need, or recompute",
-    )
-    add_flag(parser, "--reserve-blocks", type=int, default=-1, help="-1: 5%% of the pool")
-    add_flag(parser, "--swap-cost-scale", type=float, default=1.0, help="0: always swap")
-    add_flag(parser, "--no-prefix-cache", action="store_true", help="no sharing of cached prefixes")
-    add_flag(
-        parser,
-        "--host-cache-blocks",
-        type=int,
-        default=-1,
-        help="cached prefix blocks kept in the kvstore (-1: as many as the device pool; 0: none)",
-    )
-    add_flag(
-        parser,
-        "--kvstore-backend",
-        default="memory",
-        help="kvstore storage: memory, or a Redis URL redis://host:port/db",
-    )
-    add_flag(parser, "--kvstore-capacity-bytes", type=int, default=4 << 30, help="kvstore capacity")
-    add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="worker KV pool bytes")
-    add_flag(parser, "--default-max-tokens", type=int, default=1024, help="when unset")
+    up_flags.add_arguments(parser)
     add_flag(
         parser,
         "--metrics",
@@ -215,6 +156,8 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
     args.grpc_port = args.grpc_port or ports.pick(args.host)
     args.http_port = http_port(args, ports)
     common = ["--log-level", args.log_level, "--reuse-port"]
+    # Loopback, explicitly: an inherited FASTSERVE_HOST is meant for the public port only.
+    internal = ["--host", local, *common]
     # Picked by the child, not reserved here: the metrics server cannot share a reserved port.
     metrics = ["--metrics-port", "0"] if args.metrics else []
     model = ["--model", args.model]
@@ -241,149 +184,49 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
         Child(
             "worker" if args.stages == 1 else f"worker{index}",
             [
-                "worker", "--port", str(port), *model,
-                "--load-format", args.load_format, "--device", args.device,
-                "--dtype", args.dtype, "--block-size", str(args.block_size),
-                "--num-blocks", str(args.num_blocks), "--kv-bytes", str(args.kv_bytes),
+                WORKER, "--port", str(port), *model, "--device", args.device,
                 "--kvstore-address", f"{local}:{kv_port}", *stage_flags[index], *metrics,
-                *common,
+                *service_argv(args, WORKER), *internal,
             ],
             f"{local}:{port}",
             # A worker holds only a cache: the scheduler re-prefills what a restart lost.
             restartable=True,
             pass_fds=pass_fds if index == 0 else (),
+            env=service_env(args, WORKER),
         )
         for index, port in enumerate(worker_ports)
     ]  # fmt: skip
     return [
         Child(
-            "kvstore",
-            [
-                "kvstore", "--port", str(kv_port), "--backend", args.kvstore_backend,
-                "--capacity-bytes", str(args.kvstore_capacity_bytes), *common,
-            ],
+            KVSTORE,
+            [KVSTORE, "--port", str(kv_port), *service_argv(args, KVSTORE), *internal],
             f"{local}:{kv_port}",
             restartable=True,
+            env=service_env(args, KVSTORE),
         ),
         *workers,
         Child(
-            "scheduler",
+            SCHEDULER,
             [
-                "scheduler", "--port", str(sched_port),
+                SCHEDULER, "--port", str(sched_port),
                 "--worker-address", ",".join(f"{local}:{port}" for port in worker_ports),
-                "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args),
-                "--kv-policy", args.kv_policy, "--reserve-blocks", str(args.reserve_blocks),
-                "--swap-cost-scale", str(args.swap_cost_scale),
-                *(["--no-prefix-cache"] if args.no_prefix_cache else []),
-                "--host-cache-blocks", str(args.host_cache_blocks),
-                "--max-batch-size", str(args.max_batch_size),
-                "--max-batched-tokens", str(args.max_batched_tokens), *metrics, *common,
+                "--kvstore-address", f"{local}:{kv_port}", *policy_argv(args), *metrics,
+                *service_argv(args, SCHEDULER), *internal,
             ],
             f"{local}:{sched_port}",
+            env=service_env(args, SCHEDULER),
         ),
         Child(
-            "frontend",
+            FRONTEND,
             [
-                "frontend", "--host", args.host, "--port", str(args.grpc_port),
+                FRONTEND, "--host", args.host, "--port", str(args.grpc_port),
                 "--scheduler-address", f"{local}:{sched_port}", *model,
-                "--default-max-tokens", str(args.default_max_tokens),
-                "--http-port", str(args.http_port), *common,
+                "--http-port", str(args.http_port), *service_argv(args, FRONTEND), *common,
             ],
             f"{args.host}:{args.grpc_port}",
+            env=service_env(args, FRONTEND),
         ),
     ]  # fmt: skip
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-class Supervisor:
-    def __init__(self, children: list[Child]) -> None:
-        self.children = children
-        self._stopping = False
-
-    def start(self) -> None:
-        for child in self.children:
-            self._spawn(child)
-
-    def _spawn(self, child: Child) -> None:
-        child.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *child.argv],
-            preexec_fn=_die_with_parent,
-            pass_fds=child.pass_fds,
-        )
-        log.info("started %s (pid %d) on %s", child.name, child.process.pid, child.address)
-
-    def dead_child(self) -> Child | None:
-        """A child that exited and cannot be restarted; restartable ones are started again."""
-        for child in self.children:
-            if child.process is None or child.process.poll() is None:
-                continue
-            # Only a child that once got ready: one that fails to start (bad flags, a model that
-            # does not load) would fail again.
-            if (
-                child.restartable
-                and child.ready
-                and not self._stopping
-                and child.num_restarts < MAX_RESTARTS
-            ):
-                child.num_restarts += 1
-                print(
-                    f"fastserve: {child.name} exited with code {child.process.returncode}; "
-                    f"restarting it ({child.num_restarts}/{MAX_RESTARTS})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self._spawn(child)
-                continue
-            return child
-        return None
-
-    def wait_ready(self, timeout_s: float) -> Child | None:
-        """Waits until every child is SERVING; returns a child that died or timed out."""
-        deadline = time.monotonic() + timeout_s
-        while not all(c.ready for c in self.children):
-            if self._stopping:
-                return None
-            dead = self.dead_child()
-            if dead is not None:
-                return dead
-            for child in self.children:
-                if not child.ready and is_serving(child.address, timeout_s=0.5):
-                    child.ready = True
-                    log.info("%s is ready", child.name)
-            if time.monotonic() > deadline:
-                return next(c for c in self.children if not c.ready)
-            time.sleep(0.2)
-        return None
-
-    def request_stop(self, *_: object) -> None:
-        self._stopping = True
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    def stop_all(self) -> None:
-        # Frontend first, so clients see a clean UNAVAILABLE rather than half an answer.
-        for child in reversed(self.children):
-            if child.process and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
-                child.process.kill()
-                child.process.wait()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,41 +246,39 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     ports = PortReservations()
-    supervisor = Supervisor(plan(args, ports))
+    try:
+        children = plan(args, ports)
+    except ValueError as exc:
+        ports.close()
+        print(f"fastserve: {exc}", file=sys.stderr)
+        return 2
+    supervisor = Supervisor(children, ready_timeout_s=args.startup_timeout)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     supervisor.start()
     try:
-        failed = supervisor.wait_ready(args.startup_timeout)
+        failed = supervisor.wait_ready()
+        if failed is None and not supervisor.stopping:
+            _announce_ready(args, supervisor)
+            failed = supervisor.supervise()
         if failed is not None:
-            code = failed.process.poll() if failed.process else None
-            why = f"exited with code {code}" if code is not None else "did not become ready"
-            print(f"fastserve: {failed.name} {why}; stopping the others", file=sys.stderr)
+            print(failed.message(), file=sys.stderr, flush=True)
             return 1
-        if supervisor.stopping:
-            return 0
-        frontend = supervisor.children[-1]
-        http = (
-            f"HTTP http://{args.host}:{args.http_port} " if args.http_port >= 0 else ""
-        )  # "http://" keeps the address out of the per-service "name host:port" pairs
-        print(
-            f"fastserve ready: gRPC {frontend.address} {http}"
-            f"(model {args.model}; "
-            + ", ".join(f"{c.name} {c.address}" for c in supervisor.children[:-1])
-            + ")",
-            flush=True,
-        )
-        while not supervisor.stopping:
-            dead = supervisor.dead_child()
-            if dead is not None:
-                code = dead.process.poll() if dead.process else None
-                print(
-                    f"fastserve: {dead.name} exited with code {code}; stopping the others",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.2)
         return 0
     finally:
         supervisor.stop_all()
         ports.close()
+
+
+def _announce_ready(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    frontend = supervisor.children[-1]
+    http = (
+        f"HTTP http://{args.host}:{args.http_port} " if args.http_port >= 0 else ""
+    )  # "http://" keeps the address out of the per-service "name host:port" pairs
+    print(
+        f"fastserve ready: gRPC {frontend.address} {http}"
+        f"(model {args.model}; "
+        + ", ".join(f"{c.name} {c.address}" for c in supervisor.children[:-1])
+        + ")",
+        flush=True,
+    )

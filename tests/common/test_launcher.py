@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
+from unittest import mock
 
 import grpc
 import pytest
@@ -69,6 +71,7 @@ def test_plan_picks_distinct_ports_and_tells_children_to_join_them():
         (["--stages", "0"], "--stages must be >= 1"),
         (["--stages", "2", "--layer-split", "1,1,2"], "names 3 stages"),
         (["--stages", "2", "--layer-split", "1;3"], "--layer-split must be"),
+        (["--api-key", "a,b"], "--api-key: a value cannot contain a comma"),
     ],
 )
 def test_bad_stage_flags_are_refused_before_anything_starts(flags, message):
@@ -126,3 +129,30 @@ def test_workers_are_told_their_threads_and_cpus():
         argv = children[f"worker{index}"].argv
         assert argv[argv.index("--threads") + 1] == str(threads)
         assert argv[argv.index("--cpus") + 1] == ",".join(map(str, cpus))
+
+
+def test_up_hands_api_keys_and_the_queue_bound_to_the_frontend(monkeypatch):
+    """`fastserve up --api-key K --max-queued-requests N` reaches the frontend: the bound on its
+    command line, the keys in its environment (a command line is visible to every user)."""
+    monkeypatch.delenv("FASTSERVE_API_KEY", raising=False)
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    flags = ["--api-key", "s3cr3t", "--api-key", "other", "--max-queued-requests", "7"]
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", *flags])
+        children = {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+    frontend = children.pop("frontend")
+    assert frontend.argv[frontend.argv.index("--max-queued-requests") + 1] == "7"
+    assert frontend.env == {"FASTSERVE_API_KEY": "s3cr3t,other"}
+    assert not any("s3cr3t" in arg for c in [frontend, *children.values()] for arg in c.argv)
+    assert not any(c.env for c in children.values())
+    from services.frontend.main import add_arguments as add_frontend_arguments
+
+    with mock.patch.dict(os.environ, frontend.env):
+        frontend_parser = argparse.ArgumentParser()
+        add_frontend_arguments(frontend_parser)
+    seen = frontend_parser.parse_args(frontend.argv[1:])
+    assert seen.api_key == ["s3cr3t", "other"] and seen.max_queued_requests == 7
