@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 
 MAX_TOP_LOGPROBS = 20  # most likely alternatives a token's logprobs may list (as OpenAI)
+# Highest temperature, as OpenAI's API: past 2 the distribution is close to uniform already,
+# and a huge value would overflow the float32 the workers divide logits by.
+MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**64 - 1  # seeds travel as uint64
 
 
@@ -28,7 +31,8 @@ class SamplingError(ValueError):
 class SamplingParams:
     """How to pick a job's next token from its row of logits."""
 
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
+    # 0 = greedy (argmax); otherwise logits are divided by it; at most MAX_TEMPERATURE.
+    temperature: float = 0.0
     # Nucleus: keep the smallest set of tokens whose probability reaches top_p; in (0, 1].
     top_p: float = 1.0
     top_k: int = 0  # keep only the k most likely tokens; 0 disables
@@ -49,8 +53,10 @@ class SamplingParams:
 
 def check(params: SamplingParams) -> None:
     """Raises SamplingError naming the first setting that breaks a rule."""
-    if not (math.isfinite(params.temperature) and params.temperature >= 0):
-        raise SamplingError("temperature", f"must be >= 0, got {params.temperature}")
+    if not (math.isfinite(params.temperature) and 0 <= params.temperature <= MAX_TEMPERATURE):
+        raise SamplingError(
+            "temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {params.temperature:g}"
+        )
     if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
         raise SamplingError("top_p", f"must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:

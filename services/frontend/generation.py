@@ -7,6 +7,9 @@ character or a possible stop-string prefix, goes out with the next token's delta
 state changes, and a last delta with the last token, the finish reason and usage. Closing the
 generator early (a client that went away) cancels the job, so its KV blocks are freed at the
 scheduler's next iteration.
+
+Draining (`start_draining`, on SIGTERM): requests in flight go on; new ones are refused as
+unavailable, so the client retries on another frontend; `wait_idle` returns when none is left.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ STATES = {
 
 DEFAULT_MAX_PROMPT_CHARS = 1 << 20
 DEFAULT_MAX_QUEUED_REQUESTS = 256
+# Seconds a refused client (queue full, draining, scheduler gone) is told to wait before it
+# retries: HTTP Retry-After, gRPC `retry-after` trailing metadata.
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,17 @@ class GenerationCore:
         self.limits = limits or Limits()
         self.metrics = metrics
         self.num_in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()  # set while num_in_flight is 0
+        self._idle.set()
+
+    def start_draining(self) -> None:
+        """Refuses new requests from now on; those in flight go on."""
+        self.draining = True
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is in flight."""
+        await self._idle.wait()
 
     def check_prompt_chars(self, name: str, num_chars: int) -> None:
         if num_chars > self.limits.max_prompt_chars:
@@ -129,7 +146,10 @@ class GenerationCore:
         return bound <= 0 or self.num_in_flight < bound
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[Delta]:
-        """Runs one job; raises ServiceError subclasses (queue full, scheduler gone, rejected)."""
+        """Runs one job; raises ServiceError subclasses (queue full, draining, scheduler gone,
+        rejected)."""
+        if self.draining:
+            raise UnavailableError("this frontend is shutting down; retry the request")
         if not self.can_admit():
             raise ResourceExhaustedError(
                 f"{self.num_in_flight} requests in flight, the limit; retry later"
@@ -149,6 +169,7 @@ class GenerationCore:
         except LinkLost as exc:
             raise UnavailableError(str(exc)) from exc
         self.num_in_flight += 1
+        self._idle.clear()
         timer = _Timer()
         detokenizer = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(sampling.stop)
@@ -218,6 +239,8 @@ class GenerationCore:
             raise
         finally:
             self.num_in_flight -= 1
+            if self.num_in_flight == 0:
+                self._idle.set()
             if finish_reason in ("error", "cancelled"):  # the client went away, or an error
                 self.link.cancel(job_id)
             if self.metrics is not None:

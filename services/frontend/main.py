@@ -1,4 +1,10 @@
-"""`fastserve frontend`: the public gRPC gateway, and OpenAI-compatible HTTP beside it."""
+"""`fastserve frontend`: the public gRPC gateway, and OpenAI-compatible HTTP beside it.
+
+On SIGTERM it drains before it stops: /ready and gRPC health turn to not serving (so the
+load balancer stops sending), new requests get 503 with Retry-After / UNAVAILABLE, and the
+requests in flight run to their end for up to --drain-timeout seconds; then it stops, exit code
+0. A second SIGTERM or SIGINT ends the wait at once.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ from services.frontend.tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on")
@@ -78,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_QUEUED_REQUESTS,
         help="requests in flight before new ones get RESOURCE_EXHAUSTED / HTTP 429 (0: no bound)",
     )
+    add_flag(
+        parser,
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="on SIGTERM, seconds the requests in flight may take to finish before the frontend "
+        "stops (new ones are refused meanwhile)",
+    )
     auth.add_arguments(parser)
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
@@ -111,6 +127,7 @@ class Frontend:
     grpc_port: int
     http_port: int | None  # None: no HTTP
     link: SchedulerLink
+    core: GenerationCore
     _server: grpc.aio.Server
     _health: grpc_health.aio.HealthServicer
     _http: OpenAIServer | None
@@ -123,7 +140,9 @@ class Frontend:
         pending: set[asyncio.Task] = set()
 
         def on_scheduler_state(connected: bool) -> None:
-            task = asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=connected))
+            # A scheduler that comes back while this frontend drains must not make it serving.
+            serving = connected and not core.draining
+            task = asyncio.ensure_future(set_health(health, [SERVICE_NAME], serving=serving))
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -151,7 +170,23 @@ class Frontend:
         if keys.enabled:
             log.info("frontend: API keys required")
         link.start()
-        return cls(grpc_port, http_port, link, server, health, http, metrics)
+        return cls(grpc_port, http_port, link, core, server, health, http, metrics)
+
+    async def drain(self, timeout_s: float, interrupt: asyncio.Event | None = None) -> int:
+        """Stops taking requests (health and /ready: not serving; new requests: UNAVAILABLE /
+        503) and waits until those in flight end, `timeout_s` passes or `interrupt` is set.
+        Returns how many were still in flight."""
+        self.core.start_draining()
+        await set_health(self._health, [SERVICE_NAME], serving=False)
+        waits = [asyncio.ensure_future(self.core.wait_idle())]
+        if interrupt is not None:
+            waits.append(asyncio.ensure_future(interrupt.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self.core.num_in_flight
 
     async def stop(self) -> None:
         await set_health(self._health, [SERVICE_NAME], serving=False)
@@ -172,6 +207,15 @@ async def _serve(args: argparse.Namespace, model: ModelTokenizer) -> int:
         loop.add_signal_handler(signum, stopping.set)
     announce_ready("frontend", f"{args.host}:{frontend.grpc_port}")
     await stopping.wait()
+    stopping.clear()  # a second signal cuts the drain short
+    log.info(
+        "frontend: draining %d requests in flight (up to %gs)",
+        frontend.core.num_in_flight,
+        args.drain_timeout,
+    )
+    left = await frontend.drain(args.drain_timeout, interrupt=stopping)
+    if left:
+        log.warning("frontend: stopping with %d requests still in flight", left)
     log.info("frontend: stopping")
     await frontend.stop()
     return 0

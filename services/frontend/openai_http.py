@@ -1,17 +1,21 @@
 """OpenAI-compatible HTTP on the frontend (aiohttp, in the frontend's asyncio loop).
 
 Routes: POST /v1/completions and /v1/chat/completions (server-sent events when `stream`, ending
-in `data: [DONE]`), GET /v1/models; GET /health (the process is alive), /ready (tokenizer loaded
-and the scheduler connected) and /metrics (Prometheus), which need no API key. Requests go
-through the same `GenerationCore` as gRPC `Generate`. Errors use OpenAI's body
-`{"error": {"message", "type", "param", "code"}}`.
+in `data: [DONE]`), GET /v1/models; GET /health (the process is alive), /ready (tokenizer loaded,
+the scheduler connected and not draining) and /metrics (Prometheus), which need no API key.
+Requests go through the same `GenerationCore` as gRPC `Generate`. Errors use OpenAI's body
+`{"error": {"message", "type", "param", "code"}}`; 429 and 503 carry Retry-After, 401
+WWW-Authenticate.
 
 A client that disconnects cancels its handler (aiohttp `handler_cancellation`), which closes the
-generation and cancels the job at the scheduler.
+generation and cancels the job at the scheduler; a write that finds the connection already gone
+does the same. Either way it is a client disconnect, counted as status 499 (nginx's "client
+closed request"), not a server error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -29,7 +33,13 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.frontend.auth import ApiKeys
-from services.frontend.generation import Delta, GenerationCore, PreparedRequest, TokenLogprob
+from services.frontend.generation import (
+    RETRY_AFTER_S,
+    Delta,
+    GenerationCore,
+    PreparedRequest,
+    TokenLogprob,
+)
 from services.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from services.frontend.openai_schema import (
     ApiError,
@@ -38,11 +48,14 @@ from services.frontend.openai_schema import (
     parse_completion,
     parse_json,
 )
+from services.frontend.validation import echo
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
+CLIENT_CLOSED_STATUS = "499"  # the metrics' status of a request whose client went away
 
 
 def error_of(exc: BaseException) -> ApiError:
@@ -51,9 +64,17 @@ def error_of(exc: BaseException) -> ApiError:
     if isinstance(exc, InvalidArgumentError):
         return ApiError(400, exc.message, param=exc.field)
     if isinstance(exc, ResourceExhaustedError):
-        return ApiError(429, exc.message, type="rate_limit_error", code="rate_limit_exceeded")
+        return ApiError(
+            429,
+            exc.message,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers=RETRY_HEADERS,
+        )
     if isinstance(exc, UnavailableError):
-        return ApiError(503, exc.message, type="server_error", code="unavailable")
+        return ApiError(
+            503, exc.message, type="server_error", code="unavailable", headers=RETRY_HEADERS
+        )
     if isinstance(exc, ServiceError):
         return ApiError(500, exc.message, type="server_error")
     log.exception("unhandled error in an HTTP handler", exc_info=exc)
@@ -61,7 +82,7 @@ def error_of(exc: BaseException) -> ApiError:
 
 
 def _error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -122,6 +143,16 @@ class OpenAIServer:
         name = route.canonical if route is not None else "unknown"
         try:
             response = await handler(request)
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            # The client went away: aiohttp cancelled the handler, or a write found the
+            # connection closed (it hung up just as its stream started). The generation was
+            # closed on the way out, which cancelled the job; nothing is left to answer.
+            log.debug("client disconnected: %s %s", request.method, request.path)
+            self.metrics.http_responses.labels(name, CLIENT_CLOSED_STATUS).inc()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # aiohttp's attempt to send this finds the connection gone and drops it quietly.
+            return web.Response(status=499)
         except web.HTTPRequestEntityTooLarge:
             response = _error_response(
                 ApiError(
@@ -136,6 +167,8 @@ class OpenAIServer:
             response = _error_response(ApiError(exc.status, message, type=kind))
         except Exception as exc:
             response = _error_response(error_of(exc))
+        if self.core.draining:
+            response.force_close()  # no keep-alive: the client's next request goes elsewhere
         self.metrics.http_responses.labels(name, str(response.status)).inc()
         return response
 
@@ -149,6 +182,7 @@ class OpenAIServer:
                 "missing or invalid API key (send Authorization: Bearer <key>)",
                 type="authentication_error",
                 code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         return await handler(request)
 
@@ -158,6 +192,8 @@ class OpenAIServer:
         return web.json_response({"status": "alive"})
 
     async def _ready(self, request: web.Request) -> web.Response:
+        if self.core.draining:
+            return web.json_response({"status": "not ready: draining"}, status=503)
         if self.is_ready():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready: scheduler not connected"}, status=503)
@@ -191,7 +227,7 @@ class OpenAIServer:
         if parsed.model is not None and not model.source.matches(parsed.model):
             raise ApiError(
                 404,
-                f"model {parsed.model!r} does not exist; this server serves {model.name!r}",
+                f"model {echo(parsed.model)} does not exist; this server serves {model.name!r}",
                 param="model",
                 code="model_not_found",
             )

@@ -16,11 +16,15 @@ from typing import Any
 from services.common.errors import InvalidArgumentError
 from services.common.sampling import MAX_TOP_LOGPROBS
 from services.frontend.tokenizer import ChatTurn
-from services.frontend.validation import SamplingRequest, check_sampling
+from services.frontend.validation import (
+    MAX_ECHO_CHARS,
+    SamplingRequest,
+    check_chat,
+    check_sampling,
+)
 
 MAX_INT32 = 2**31 - 1
 MAX_UINT64 = 2**64 - 1
-MAX_MESSAGES = 1024
 
 _COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
@@ -42,6 +46,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -49,6 +54,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}  # sent with the response (Retry-After, WWW-Authenticate)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -134,6 +140,13 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _unknown(name: str) -> InvalidArgumentError:
+    """An unknown field, its name cut short: the name is the client's and may be huge."""
+    if len(name) > MAX_ECHO_CHARS:
+        name = name[:MAX_ECHO_CHARS] + "…"
+    return InvalidArgumentError(name, "unknown field")
+
+
 def _opt(body: dict[str, Any], name: str, parse, *args):
     value = body.get(name)
     return None if value is None else parse(value, name, *args)
@@ -157,7 +170,7 @@ def _common(
 ) -> dict[str, Any]:
     for name in body:
         if name not in allowed:
-            raise InvalidArgumentError(name, "unknown field")
+            raise _unknown(name)
     n = _opt(body, "n", _int, -MAX_INT32, MAX_INT32)
     if n is not None and n != 1:
         raise InvalidArgumentError("n", f"only n = 1 is supported, got {n}")
@@ -192,7 +205,7 @@ def _common(
             raise InvalidArgumentError("stream_options", f"must be an object, got {_kind(options)}")
         for name in options:
             if name != "include_usage":
-                raise InvalidArgumentError(f"stream_options.{name}", "unknown field")
+                raise _unknown(f"stream_options.{name}")
         include_usage = _opt(options, "include_usage", _bool) or False
         if not stream:
             raise InvalidArgumentError("stream_options", "only allowed when stream is true")
@@ -258,10 +271,9 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
 
 
 def _messages(value: Any) -> list[ChatTurn]:
-    if not isinstance(value, list) or not value:
+    """JSON shapes only; what a conversation may hold is `check_chat`'s, as on gRPC."""
+    if not isinstance(value, list):
         raise InvalidArgumentError("messages", f"must be a non-empty list, got {_kind(value)}")
-    if len(value) > MAX_MESSAGES:
-        raise InvalidArgumentError("messages", f"at most {MAX_MESSAGES} messages")
     turns = []
     for i, message in enumerate(value):
         name = f"messages[{i}]"
@@ -269,11 +281,10 @@ def _messages(value: Any) -> list[ChatTurn]:
             raise InvalidArgumentError(name, f"must be an object, got {_kind(message)}")
         for key in message:
             if key not in ("role", "content", "name"):
-                raise InvalidArgumentError(f"{name}.{key}", "unknown field")
+                raise _unknown(f"{name}.{key}")
         role = _string(message.get("role"), f"{name}.role")
-        if role not in ("system", "user", "assistant", "developer"):
-            raise InvalidArgumentError(f"{name}.role", f"unsupported role {role!r}")
         turns.append(ChatTurn(role, _content(message.get("content"), f"{name}.content")))
+    check_chat(turns, "messages")
     return turns
 
 

@@ -10,15 +10,18 @@ from dataclasses import dataclass
 import grpc
 
 from fastserve.v1 import generation_pb2 as pb
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.wire import find_invalid_utf8
-from services.frontend.generation import GenerationCore
+from services.frontend.generation import RETRY_AFTER_S, GenerationCore
 from services.frontend.tokenizer import ChatTurn
-from services.frontend.validation import SamplingRequest, check_sampling
+from services.frontend.validation import SamplingRequest, check_chat, check_sampling, echo
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Trailing metadata of a RESOURCE_EXHAUSTED or UNAVAILABLE status: seconds to wait before
+# retrying (as HTTP's Retry-After; the SDK reads it into the error's `retry_after_s`).
+RETRY_AFTER_KEY = "retry-after"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,7 @@ class GenerationServicer:
 
     def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingRequest]:
         if not self._model.source.matches(request.model):
-            raise InvalidArgumentError("model", f"unknown model {request.model!r}")
+            raise InvalidArgumentError("model", f"unknown model {echo(request.model)}")
         sampling = check_sampling(
             max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
             temperature=request.temperature if request.HasField("temperature") else None,
@@ -100,20 +103,28 @@ class GenerationServicer:
             self._core.check_prompt_chars("prompt", len(request.prompt))
             prompt_ids = self._model.encode_prompt(request.prompt)
         elif kind == "chat":
-            messages = request.chat.messages
-            if not messages:
-                raise InvalidArgumentError("chat.messages", "must not be empty")
-            for i, m in enumerate(messages):
-                if not m.role:
-                    raise InvalidArgumentError(f"chat.messages[{i}].role", "must not be empty")
-            num_chars = sum(len(m.role) + len(m.content) for m in messages)
+            turns = [ChatTurn(m.role, m.content) for m in request.chat.messages]
+            check_chat(turns, "chat.messages")
+            num_chars = sum(len(t.role) + len(t.content) for t in turns)
             self._core.check_prompt_chars("chat.messages", num_chars)
-            prompt_ids = self._model.encode_chat([ChatTurn(m.role, m.content) for m in messages])
+            prompt_ids = self._model.encode_chat(turns)
         else:
             raise InvalidArgumentError("prompt", "one of prompt or chat is required")
         return prompt_ids, sampling
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            # aclosing: a client that goes away must close the generation now (cancelling
+            # its job), not whenever the garbage collector finalizes it.
+            async with aclosing(self._generate(request)) as responses:
+                async for response in responses:
+                    yield response
+        except (ResourceExhaustedError, UnavailableError):
+            # Kept when the error interceptor aborts with the status code.
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(RETRY_AFTER_S)),))
+            raise
+
+    async def _generate(self, request) -> AsyncIterator[pb.GenerateResponse]:
         if isinstance(request, Undecodable):
             _raise_undecodable(request)
         prompt_ids, sampling = self._prepare(request)

@@ -1,18 +1,52 @@
 """Checks a generation request before any work is done; every error names the field.
 
 The sampling settings' rules live with their dataclass (services.common.sampling); this edge
-applies the API's defaults, checks the stopping settings, and names fields as the API does.
+applies the API's defaults, checks the stopping settings and chat messages, and names fields as
+the API does. Both surfaces (gRPC `Generate`, OpenAI HTTP) call these same checks: a surface
+only turns its wire format into plain values first, and names the fields its own way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgumentError
 from services.common.sampling import SamplingError, SamplingParams
+from services.frontend.tokenizer import ChatTurn
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_CHAT_MESSAGES = 1024
+# Roles a chat message may have: the ones chat templates know. No `tool`: tool calls and tool
+# results are not supported, and a template would render one as it pleases or fail.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_ECHO_CHARS = 64  # of a client's value quoted back in an error message
+
+
+def echo(value: str) -> str:
+    """A client's value as an error message quotes it: repr'd, and cut short when long, so an
+    error never sends a huge value straight back."""
+    if len(value) <= MAX_ECHO_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHO_CHARS]!r}… ({len(value)} characters)"
+
+
+def check_chat(turns: Sequence[ChatTurn], field: str) -> None:
+    """Checks a conversation; `field` is what the API calls the message list ("messages" on
+    HTTP, "chat.messages" on gRPC), and errors name `field[i].role` and the like."""
+    if not turns:
+        raise InvalidArgumentError(field, "must not be empty")
+    if len(turns) > MAX_CHAT_MESSAGES:
+        raise InvalidArgumentError(field, f"at most {MAX_CHAT_MESSAGES} messages, got {len(turns)}")
+    for i, turn in enumerate(turns):
+        if turn.role not in CHAT_ROLES:
+            problem = (
+                "must not be empty" if not turn.role else f"unsupported role {echo(turn.role)}"
+            )
+            raise InvalidArgumentError(
+                f"{field}[{i}].role", f"{problem}; one of {', '.join(CHAT_ROLES)}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,17 @@ import grpc
 
 
 class FastServeError(Exception):
-    """Any error from a FastServe call; `code` is the gRPC status, `details` the server's text."""
+    """Any error from a FastServe call; `code` is the gRPC status, `details` the server's text,
+    `retry_after_s` the seconds the server asked the client to wait before retrying (its
+    `retry-after` trailing metadata: a full queue, a draining frontend), or None."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(FastServeError):
@@ -19,7 +24,7 @@ class InvalidArgumentError(FastServeError):
 
 
 class ResourceExhaustedError(FastServeError):
-    """The server is overloaded (its queue is full); try again later."""
+    """The server is overloaded (its queue is full); try again later (`retry_after_s`)."""
 
 
 class UnavailableError(FastServeError):
@@ -60,4 +65,17 @@ def from_rpc_error(error: grpc.RpcError) -> FastServeError:
     details_fn = getattr(error, "details", None)
     code = (code_fn() if callable(code_fn) else None) or grpc.StatusCode.UNKNOWN
     details = (details_fn() if callable(details_fn) else None) or str(error)
-    return _BY_CODE.get(code, FastServeError)(code, details)
+    return _BY_CODE.get(code, FastServeError)(code, details, _retry_after_s(error))
+
+
+def _retry_after_s(error: grpc.RpcError) -> float | None:
+    metadata_fn = getattr(error, "trailing_metadata", None)
+    metadata = (metadata_fn() if callable(metadata_fn) else None) or ()
+    for key, value in metadata:
+        if key == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
