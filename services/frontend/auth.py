@@ -3,6 +3,8 @@
 Keys come from `--api-key` (repeatable), FASTSERVE_API_KEY (comma-separated) and
 `--api-key-file` / FASTSERVE_API_KEY_FILE (one key a line, `#` comments). Both variables are read
 by the parser, like every FASTSERVE_<FLAG>. With no key configured, nothing is checked.
+A key may be followed by ` top-priority=K`: the highest priority class its callers may use
+(services/frontend/priority.py); a key without it gets the deployment's --top-priority.
 Clients send `authorization: Bearer <key>`: an HTTP header, or gRPC metadata (the SDK does).
 Health, readiness, reflection and metrics stay open so probes and scrapers need no key.
 """
@@ -37,9 +39,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--api-key-file", default=None, help="a file of keys, one a line")
 
 
+TOP_PRIORITY = "top-priority="
+
+
+def parse_key(entry: str) -> tuple[str, int | None]:
+    """`KEY` or `KEY top-priority=K` -> (key, K or None); ValueError names what is wrong."""
+    key, *options = entry.split()
+    top = None
+    for option in options:
+        if not option.startswith(TOP_PRIORITY):
+            raise ValueError(f"API key entry: unknown option {option.split('=')[0]!r}")
+        try:
+            top = int(option[len(TOP_PRIORITY) :])
+        except ValueError:
+            raise ValueError("API key entry: top-priority must be an integer") from None
+    return key, top
+
+
 class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
+        """`keys`: entries as parse_key reads them."""
+        parsed = [parse_key(entry) for entry in keys if entry.strip()]
+        self._keys = [key.encode() for key, _ in parsed]
+        self.tops = [top for _, top in parsed]  # per key: its top-priority, or None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiKeys:
@@ -57,16 +79,24 @@ class ApiKeys:
 
     def allows(self, authorization: str | None) -> bool:
         """Whether an `authorization` header / metadata value carries a valid key."""
-        if not self._keys:
-            return True
-        if not authorization:
-            return False
+        return not self._keys or self._match(authorization) is not None
+
+    def top_priority(self, authorization: str | None) -> int | None:
+        """The top-priority of the key `authorization` carries; None when it names none (or
+        carries no valid key)."""
+        index = self._match(authorization)
+        return None if index is None else self.tops[index]
+
+    def _match(self, authorization: str | None) -> int | None:
+        if not authorization or not self._keys:
+            return None
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
-            return False
+            return None
         given = token.strip().encode("utf-8", "replace")
         # Compare against every key in constant time so timing does not reveal which matched.
-        return any([hmac.compare_digest(given, key) for key in self._keys])
+        matches = [hmac.compare_digest(given, key) for key in self._keys]
+        return matches.index(True) if any(matches) else None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

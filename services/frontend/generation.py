@@ -27,7 +27,9 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.common.sampling_pb import sampling_to_pb
+from services.frontend.auth import ApiKeys
 from services.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from services.frontend.priority import DEFAULT_GRANT, Granted, PriorityRules
 from services.frontend.scheduler_link import LinkLost, SchedulerLink
 from services.frontend.tokenizer import ModelTokenizer
 from services.frontend.validation import SamplingRequest, resolve_max_tokens
@@ -69,7 +71,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     sampling: SamplingRequest
     max_tokens: int  # the resolved output budget
-    priority: int = 0  # accepted from clients; informational for now (not sent to the scheduler)
+    priority: Granted = DEFAULT_GRANT  # the class it runs in (services/frontend/priority.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class Delta:
     num_cached_tokens: int = 0  # of num_prompt_tokens, found in the prefix cache
     num_completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
+    priority: Granted = DEFAULT_GRANT  # on the last delta: the class it ran in
 
 
 class GenerationCore:
@@ -106,8 +109,13 @@ class GenerationCore:
         default_max_tokens: int,
         limits: Limits | None = None,
         metrics=None,  # services.frontend.metrics.FrontendMetrics, or None
+        priorities: PriorityRules | None = None,
+        keys: ApiKeys | None = None,
     ) -> None:
         self.model = model
+        self.priorities = priorities or PriorityRules()
+        self.keys = keys or ApiKeys([])
+        self.check_settings(self.priorities, self.keys)
         self.link = link
         self.default_max_tokens = default_max_tokens
         self.limits = limits or Limits()
@@ -131,8 +139,20 @@ class GenerationCore:
                 name, f"{num_chars} characters exceed the limit of {self.limits.max_prompt_chars}"
             )
 
+    @staticmethod
+    def check_settings(priorities: PriorityRules, keys: ApiKeys) -> None:
+        """Raises ValueError when an API key names a class the deployment does not have."""
+        for top in keys.tops:
+            if top is not None:
+                priorities.check_class("an API key's top-priority", top)
+
+    def grant_priority(self, asked: int | None, authorization: str | None) -> Granted:
+        """The class of a request that asked for `asked`, from a caller that sent
+        `authorization` (its API key decides the highest class it may use)."""
+        return self.priorities.grant(asked, self.keys.top_priority(authorization))
+
     def prepare(
-        self, prompt_ids: list[int], sampling: SamplingRequest, priority: int = 0
+        self, prompt_ids: list[int], sampling: SamplingRequest, priority: Granted = DEFAULT_GRANT
     ) -> PreparedRequest:
         if not prompt_ids:
             raise InvalidArgumentError("prompt", "tokenizes to no tokens")
@@ -163,6 +183,7 @@ class GenerationCore:
             stop_token_ids=sorted(self.model.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
             sampling=sampling_to_pb(sampling.params),
+            priority=request.priority.priority,
         )
         try:
             events = self.link.submit(submit)
@@ -232,6 +253,7 @@ class GenerationCore:
                         delta.num_prompt_tokens = len(request.prompt_ids)
                         delta.num_cached_tokens = num_cached
                         delta.num_completion_tokens = num_generated
+                        delta.priority = request.priority
                         yield delta
                         return
         except (GeneratorExit, asyncio.CancelledError):

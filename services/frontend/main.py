@@ -30,7 +30,7 @@ from services.common.grpc_server import (
 from services.common.lifecycle import announce_ready
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.model_source import DEFAULT_MODEL, resolve_model
-from services.frontend import auth
+from services.frontend import auth, priority
 from services.frontend.auth import ApiKeys, AuthInterceptor
 from services.frontend.generation import (
     DEFAULT_MAX_PROMPT_CHARS,
@@ -40,6 +40,7 @@ from services.frontend.generation import (
 )
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.openai_http import OpenAIServer
+from services.frontend.priority import PriorityRules
 from services.frontend.scheduler_link import SchedulerLink
 from services.frontend.server import SERVICE_NAME, GenerationServicer
 from services.frontend.tokenizer import ModelTokenizer
@@ -95,11 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stops (new ones are refused meanwhile)",
     )
     auth.add_arguments(parser)
+    priority.add_arguments(parser)
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("frontend", args.log_level)
+    try:  # settings that make no sense stop it before anything loads
+        GenerationCore.check_settings(PriorityRules.from_args(args), ApiKeys.from_args(args))
+    except ValueError as exc:
+        log.error("frontend: %s", exc)
+        return 2
     model = ModelTokenizer.load(resolve_model(args.model))
     return asyncio.run(_serve(args, model))
 
@@ -151,7 +158,15 @@ class Frontend:
         limits = Limits(
             max_prompt_chars=args.max_prompt_chars, max_queued_requests=args.max_queued_requests
         )
-        core = GenerationCore(model, link, args.default_max_tokens, limits, metrics)
+        core = GenerationCore(
+            model,
+            link,
+            args.default_max_tokens,
+            limits,
+            metrics,
+            priorities=PriorityRules.from_args(args),
+            keys=keys,
+        )
         server.add_generic_rpc_handlers([GenerationServicer(core).handlers()])
         grpc_port = bind(server, f"{args.host}:{args.port}")
         await set_health(health, [SERVICE_NAME], serving=False)

@@ -48,6 +48,7 @@ from services.frontend.openai_schema import (
     parse_completion,
     parse_json,
 )
+from services.frontend.priority import Granted
 from services.frontend.validation import echo
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
+PRIORITY_HEADER = "X-FastServe-Priority"
+PRIORITY_CAPPED_HEADER = "X-FastServe-Priority-Capped"
 CLIENT_CLOSED_STATUS = "499"  # the metrics' status of a request whose client went away
 
 
@@ -222,7 +225,7 @@ class OpenAIServer:
             )
         return parse_json(await request.read())
 
-    def _prepare(self, parsed: OpenAIRequest) -> PreparedRequest:
+    def _prepare(self, request: web.Request, parsed: OpenAIRequest) -> PreparedRequest:
         model = self.core.model
         if parsed.model is not None and not model.source.matches(parsed.model):
             raise ApiError(
@@ -245,7 +248,8 @@ class OpenAIServer:
             assert parsed.prompt is not None
             self.core.check_prompt_chars("prompt", len(parsed.prompt))
             prompt_ids = model.encode_prompt(parsed.prompt)
-        return self.core.prepare(prompt_ids, parsed.sampling, parsed.priority)
+        priority = self.core.grant_priority(parsed.priority, request.headers.get("Authorization"))
+        return self.core.prepare(prompt_ids, parsed.sampling, priority)
 
     def _token_text(self, token_id: int) -> str:
         return self.core.model.tokenizer.decode([token_id])
@@ -263,7 +267,8 @@ class OpenAIServer:
         )
 
     async def _run(self, request: web.Request, parsed: OpenAIRequest, fmt) -> web.StreamResponse:
-        prepared = self._prepare(parsed)
+        prepared = self._prepare(request, parsed)
+        headers = _priority_headers(prepared.priority)
         async with aclosing(self.core.generate(prepared)) as deltas:
             # The first delta is awaited before any header goes out, so a full queue or a lost
             # scheduler still gets its own status code.
@@ -277,8 +282,8 @@ class OpenAIServer:
                     text.append(delta.text)
                     logprobs.extend(delta.logprobs)
                     last = delta
-                return web.json_response(fmt.full("".join(text), last, logprobs))
-            response = web.StreamResponse(headers=SSE_HEADERS)
+                return web.json_response(fmt.full("".join(text), last, logprobs), headers=headers)
+            response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await response.prepare(request)
             await self._stream(response, first, deltas, parsed, fmt)
             return response
@@ -305,6 +310,15 @@ class OpenAIServer:
         except ServiceError as exc:
             await response.write(_sse(error_of(exc).body()))
         await response.write_eof()
+
+
+def _priority_headers(granted: Granted) -> dict[str, str]:
+    """The class a request runs in; and, if it asked for a higher one than its API key may
+    use, that it was capped."""
+    headers = {PRIORITY_HEADER: str(granted.priority)}
+    if granted.capped:
+        headers[PRIORITY_CAPPED_HEADER] = "true"
+    return headers
 
 
 def _usage(delta: Delta | None) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Every problem raises `ApiError` (or `InvalidArgumentError`) naming the field as OpenAI's `param`.
 Unknown fields are refused rather than ignored, so a typo never silently changes behaviour.
-Accepted but not acted on: `user`, `priority` (informational; the scheduler orders by its own
-policy), and penalties / `echo` / `suffix` / logprobs only at their neutral values.
+`priority` (vLLM's extra field: a smaller value runs first) picks the priority class
+(services/frontend/priority.py). Accepted but not acted on: `user`, and penalties / `echo` /
+`suffix` / logprobs only at their neutral values.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class OpenAIRequest:
     sampling: SamplingRequest
     stream: bool
     include_usage: bool
-    priority: int
+    priority: int | None  # None: not sent
 
 
 def _reject_constant(name: str) -> float:
@@ -215,7 +216,7 @@ def _common(
         sampling=sampling,
         stream=stream,
         include_usage=include_usage,
-        priority=_opt(body, "priority", _int, -MAX_INT32, MAX_INT32) or 0,
+        priority=_opt(body, "priority", _int, -MAX_INT32, MAX_INT32),
     )
 
 

@@ -116,7 +116,7 @@ class GenerationServicer:
         try:
             # aclosing: a client that goes away must close the generation now (cancelling
             # its job), not whenever the garbage collector finalizes it.
-            async with aclosing(self._generate(request)) as responses:
+            async with aclosing(self._generate(request, context)) as responses:
                 async for response in responses:
                     yield response
         except (ResourceExhaustedError, UnavailableError):
@@ -124,11 +124,16 @@ class GenerationServicer:
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(RETRY_AFTER_S)),))
             raise
 
-    async def _generate(self, request) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
         if isinstance(request, Undecodable):
             _raise_undecodable(request)
         prompt_ids, sampling = self._prepare(request)
-        prepared = self._core.prepare(prompt_ids, sampling, request.priority)
+        metadata = dict(context.invocation_metadata() or ())
+        priority = self._core.grant_priority(
+            request.priority if request.HasField("priority") else None,
+            metadata.get("authorization"),
+        )
+        prepared = self._core.prepare(prompt_ids, sampling, priority)
         async with aclosing(self._core.generate(prepared)) as deltas:
             async for delta in deltas:
                 response = pb.GenerateResponse(request_id=delta.job_id)
@@ -151,6 +156,8 @@ class GenerationServicer:
                     response.usage.prompt_tokens = delta.num_prompt_tokens
                     response.usage.completion_tokens = delta.num_completion_tokens
                     response.usage.cached_prompt_tokens = delta.num_cached_tokens
+                    response.priority = delta.priority.priority
+                    response.priority_capped = delta.priority.capped
                 yield response
 
 

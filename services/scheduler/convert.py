@@ -46,6 +46,7 @@ def job_from_submit(submit: spb.Submit) -> Job:
         sampling=sampling,
         stop_token_ids=frozenset(submit.stop_token_ids),
         ignore_eos=submit.ignore_eos,
+        priority=submit.priority,
     )
 
 

@@ -47,6 +47,14 @@ def _per_level(s: EngineStats) -> Samples:
     return [({"level": str(level)}, n) for level, n in enumerate(s.core.num_jobs_per_level)]
 
 
+def _per_class(s: EngineStats) -> Samples:
+    return [
+        ({"priority": str(c), "state": state}, n)
+        for c, waiting, running in s.core.num_jobs_per_class
+        for state, n in (("waiting", waiting), ("running", running))
+    ]
+
+
 def _per_stage(read: Callable[..., float], known_only: bool = False) -> Callable[..., Samples]:
     """One sample per pipeline stage; `known_only` skips stages that have not answered Info."""
 
@@ -125,6 +133,12 @@ TABLE: tuple[Series, ...] = (
     _gauge("waiting_jobs", "Jobs waiting (all queue levels)", lambda s: s.core.num_waiting_jobs),
     _gauge(
         "running_jobs", "Jobs in flight or in the last batch", lambda s: s.core.num_running_jobs
+    ),
+    _gauge(
+        "priority_class_jobs",
+        "Jobs per priority class (0 runs first), waiting or running; every class up to the "
+        "largest seen",
+        _per_class,
     ),
     _gauge(
         "preempted_jobs",

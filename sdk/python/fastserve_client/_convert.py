@@ -40,6 +40,7 @@ def generate_request(
     stop: str | Iterable[str] | None = None,
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    priority: int | None = None,
     model: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest; optional values left as None stay unset so the server's defaults apply.
@@ -64,6 +65,8 @@ def generate_request(
         request.top_k = top_k
     if seed is not None:
         request.seed = seed
+    if priority is not None:
+        request.priority = priority
     if logprobs is not None:
         request.logprobs = True
         request.top_logprobs = logprobs
@@ -123,6 +126,8 @@ def chunk_from_pb(response: pb.GenerateResponse) -> Chunk:
         ),
         state=state,
         queue_level=response.queue_level if state == "queued" else None,
+        priority=response.priority if response.finish_reason else None,
+        priority_capped=response.priority_capped,
     )
 
 

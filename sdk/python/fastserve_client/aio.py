@@ -82,6 +82,7 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[Chunk]:
@@ -100,6 +101,7 @@ class AsyncClient:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         return self._stream(request, timeout)
@@ -116,6 +118,7 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[Chunk]:
@@ -130,6 +133,7 @@ class AsyncClient:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         return self._stream(request, timeout)
@@ -147,6 +151,7 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -162,6 +167,7 @@ class AsyncClient:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         builder = CompletionBuilder()

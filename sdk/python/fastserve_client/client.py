@@ -73,6 +73,8 @@ class CompletionBuilder:
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: FinishReason | None = None
         self.usage: Usage | None = None
+        self.priority: int | None = None
+        self.priority_capped = False
 
     def add(self, chunk: Chunk) -> None:
         self.request_id = chunk.request_id or self.request_id
@@ -83,6 +85,8 @@ class CompletionBuilder:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             self.usage = chunk.usage
+        if chunk.priority is not None:
+            self.priority, self.priority_capped = chunk.priority, chunk.priority_capped
 
     def build(self) -> Completion:
         if self.finish_reason is None:
@@ -96,6 +100,8 @@ class CompletionBuilder:
             finish_reason=self.finish_reason,
             usage=self.usage,
             logprobs=self.logprobs,
+            priority=self.priority,
+            priority_capped=self.priority_capped,
         )
 
 
@@ -145,6 +151,7 @@ class Client:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Iterator[Chunk]:
@@ -153,7 +160,9 @@ class Client:
         Yields state chunks (queued, preempted, running) with empty text, text deltas, and a last
         chunk with `finish_reason` and `usage`. Options left as None take the server's defaults;
         `logprobs=N` adds each token's log-probability and its N most likely alternatives
-        (`Chunk.logprobs`, 0 <= N <= 20).
+        (`Chunk.logprobs`, 0 <= N <= 20). `priority` asks for a priority class (a smaller value
+        runs first; the deployment caps it to what the API key may use, and the last chunk says
+        which class the generation ran in, `Chunk.priority`, and whether it was capped).
         Stopping the iteration early cancels the generation on the server. Raises the typed
         errors of `fastserve_client.errors`.
         """
@@ -167,6 +176,7 @@ class Client:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         return self._stream(request, timeout)
@@ -183,6 +193,7 @@ class Client:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Iterator[Chunk]:
@@ -200,6 +211,7 @@ class Client:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         return self._stream(request, timeout)
@@ -217,6 +229,7 @@ class Client:
         stop: str | Iterable[str] | None = None,
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        priority: int | None = None,
         model: str = "",
         timeout: float | None = None,
     ) -> Completion:
@@ -232,6 +245,7 @@ class Client:
             stop=stop,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            priority=priority,
             model=model,
         )
         builder = CompletionBuilder()

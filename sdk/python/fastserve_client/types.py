@@ -52,6 +52,10 @@ class Chunk:
     queue_level: int | None = None
     # One per token id, when the request asked for logprobs.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # On the last chunk: the priority class the generation ran in (0 runs first), and whether
+    # that is lower than the one asked for because the API key may not use it.
+    priority: int | None = None
+    priority_capped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,9 @@ class Completion:
     usage: Usage | None
     # One per token id, when the request asked for logprobs.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The priority class it ran in, and whether the API key's right capped the one asked for.
+    priority: int | None = None
+    priority_capped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from enum import Enum
 
 from services.common.sampling import SamplingParams
 
+MAX_PRIORITY_CLASSES = 16  # priority classes 0 .. 15
+
 
 class JobStatus(Enum):
     WAITING = "waiting"  # admitted, never ran
@@ -45,6 +47,9 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     owner: str = ""  # who submitted it and hears its events (a frontend's connection id)
+    # Priority class: class 0 runs first; a job of a lower class (a larger number) gets only
+    # what the higher ones leave, and is preempted for them (core/priority.py).
+    priority: int = 0
     arrival_time: float = 0.0
     # Mutable state, owned by SchedulerCore.
     output_token_ids: list[int] = field(default_factory=list)
@@ -71,6 +76,8 @@ class Job:
             raise ValueError("prompt_token_ids must not be empty")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not 0 <= self.priority < MAX_PRIORITY_CLASSES:
+            raise ValueError(f"priority must be in [0, {MAX_PRIORITY_CLASSES - 1}]")
 
     @property
     def num_prompt_tokens(self) -> int:

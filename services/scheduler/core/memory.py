@@ -20,6 +20,7 @@ from services.scheduler.core.decision import BlockMove, SwapResult
 from services.scheduler.core.host_cache import HostPrefixCache, is_host_job
 from services.scheduler.core.job import Job, JobStatus, KvState
 from services.scheduler.core.plan import Plan
+from services.scheduler.core.priority import is_lower_class
 from services.scheduler.core.stats import Counters
 from services.scheduler.core.swap_cost import SwapCostModel
 
@@ -88,6 +89,7 @@ class KvMemory:
         # arrivals could drop their KV, those would come back by starvation promotion and drop
         # others' in turn, and the policy would thrash
         # (docs/results/scheduling-smollm2.md, "Under memory pressure, in the simulator").
+        # Jobs of a lower priority class are never spared: a class above always goes first.
         spare = plan.protect_progress and job.num_computed_tokens == 0 and not plan.is_starving(job)
         victims = [
             other
@@ -95,7 +97,7 @@ class KvMemory:
             if other.kv_state is KvState.DEVICE
             and other.block_ids
             and other.job_id not in plan.scheduled
-            and not (spare and self._would_recompute(other))
+            and not (spare and not is_lower_class(other, job) and self._would_recompute(other))
         ]
         if self.blocks.num_free_blocks + self.blocks.num_freed_by(victims) < num_blocks:
             return False  # evicting everyone behind it would not be enough: evict no one

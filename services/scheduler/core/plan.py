@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.scheduler.core.decision import BlockMove, ScheduledChunk
 from services.scheduler.core.job import Job
 from services.scheduler.core.policy import Policy
+from services.scheduler.core.priority import by_class_enst
 
 
 @dataclass(slots=True)
@@ -37,9 +38,9 @@ class Plan:
 
     def enst(self, job: Job) -> float:
         """Estimated time until the job is next scheduled (only the order of these values is
-        used)."""
+        used): the policy's, every lower priority class after the higher ones."""
         if self._enst is None:
-            self._enst = self.policy.enst(self.order, self.now)
+            self._enst = by_class_enst(self.order, self.policy.enst(self.order, self.now))
         return self._enst[job.job_id]
 
     def is_starving(self, job: Job) -> bool:

@@ -10,7 +10,8 @@ again before the previous decision's update(). A job in a decision not yet updat
 is neither scheduled again (its next token is not known) nor evicted (a stage may still be
 writing its KV) until its update() comes back.
 
-Batch formation walks the policy's order and gives each job as many of its uncomputed tokens as
+Batch formation walks the policy's order, higher priority classes first (core/priority.py),
+and gives each job as many of its uncomputed tokens as
 the token budget allows (chunked prefill; a decoding job needs one). When KV blocks run short, a
 job may take blocks from jobs of lower priority by preempting them: their KV is swapped out to
 the kvstore, or dropped and re-prefilled when they run again (KvMemory), so nothing deadlocks
@@ -40,6 +41,7 @@ from services.scheduler.core.job import FinishReason, Job, JobStatus, KvState
 from services.scheduler.core.memory import KvMemory
 from services.scheduler.core.plan import Plan
 from services.scheduler.core.policy import Policy
+from services.scheduler.core.priority import by_class
 from services.scheduler.core.profile import SYNTHETIC_PROFILE, PerformanceProfile
 from services.scheduler.core.stats import Counters, IterationWindow, SchedulerStats
 from services.scheduler.core.swap_cost import SwapCostModel
@@ -82,6 +84,7 @@ class SchedulerCore:
         # Decisions made and not yet updated, oldest first: the one in-flight ledger.
         self._in_flight: dict[int, _InFlight] = {}
         self._window = IterationWindow()
+        self._num_classes = 1  # priority classes seen so far (1 + the largest number)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class SchedulerCore:
         num_host = len(self.memory.host_prefix(job, len(prefix)))
         job.num_cached_tokens = (len(prefix) + num_host) * self.config.block_size
         self._jobs[job.job_id] = job
+        self._num_classes = max(self._num_classes, job.priority + 1)
         level = self.policy.add(job, job.arrival_time)
         return [_event(job, EventKind.QUEUED, queue_level=level)]
 
@@ -168,7 +172,7 @@ class SchedulerCore:
         come back through update(), in order."""
         now = self._clock()
         plan = Plan(
-            self.policy.order(now),
+            by_class(self.policy.order(now)),
             self.policy,
             now=now,
             budget=self.config.max_batched_tokens,
@@ -288,6 +292,9 @@ class SchedulerCore:
         num_jobs_per_level = [0] * max([self.policy.num_levels, *(level + 1 for level in levels)])
         for level in levels:
             num_jobs_per_level[level] += 1
+        per_class = [[0, 0] for _ in range(self._num_classes)]  # [waiting, running] per class
+        for job in self._jobs.values():
+            per_class[job.priority][job.job_id in running] += 1
         mean_iteration_s, mean_batch_jobs, mean_batch_tokens = self._window.means()
         memory = self.memory
         return SchedulerStats(
@@ -305,6 +312,7 @@ class SchedulerCore:
             num_host_jobs=sum(1 for j in self._jobs.values() if j.kv_state is KvState.HOST),
             swap_bytes_per_s=memory.costs.bytes_per_s,
             num_jobs_per_level=tuple(num_jobs_per_level),
+            num_jobs_per_class=tuple((c, w, r) for c, (w, r) in enumerate(per_class)),
             mean_iteration_s=mean_iteration_s,
             mean_batch_jobs=mean_batch_jobs,
             mean_batch_tokens=mean_batch_tokens,

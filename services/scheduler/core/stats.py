@@ -45,6 +45,8 @@ class SchedulerStats:
     # Waiting jobs per policy queue level, level 0 first: one entry per level, so an empty
     # level reads 0 rather than disappearing.
     num_jobs_per_level: tuple[int, ...] = ()
+    # (priority class, waiting jobs, running jobs) for every class up to the largest seen.
+    num_jobs_per_class: tuple[tuple[int, int, int], ...] = ()
     mean_iteration_s: float = 0.0  # schedule to update, over the last WINDOW batches
     mean_batch_jobs: float = 0.0  # over the last WINDOW batches
     mean_batch_tokens: float = 0.0
