@@ -3,6 +3,10 @@
 Request latencies are observed here as requests end; the scheduler's series are fetched from
 its Stats RPC at scrape time (one call per scrape) and exported as they come, names, types and
 help included, so the frontend keeps no list of them.
+
+From the same Stats answer the frontend also derives the few gauges of the Gateway API Inference
+Extension's model server protocol (PROTOCOL_METRICS), which an endpoint picker (EPP) reads to
+route among model replicas: every frontend of a replica reports its scheduler's figures.
 """
 
 from __future__ import annotations
@@ -29,6 +33,70 @@ _TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 _METRIC_KINDS = {spb.METRIC_TYPE_COUNTER: "counter", spb.METRIC_TYPE_GAUGE: "gauge"}
 
+# The model server protocol's figures (gateway-api-inference-extension, proposal 003), under
+# FastServe's names: protocol field -> metric name. The Helm chart's endpoint picker config names
+# these (tests/deploy/test_inference_extension.py checks that the two agree).
+PROTOCOL_METRICS = {
+    "queued_requests": "fastserve_queued_requests",
+    "running_requests": "fastserve_running_requests",
+    "kv_cache_usage": "fastserve_kv_cache_usage_ratio",
+    "cache_config_info": "fastserve_cache_config_info",
+}
+# The labels of the cache info gauge: vLLM's names, which the EPP reads by default.
+CACHE_INFO_LABELS = ("block_size", "num_gpu_blocks")
+
+
+def _single_value(stats: spb.StatsResponse, name: str) -> float | None:
+    """The value of the scheduler's unlabelled series `name`, or None if it sent none."""
+    for metric in stats.metrics:
+        if metric.name == name and len(metric.samples) == 1 and not metric.samples[0].labels:
+            return metric.samples[0].value
+    return None
+
+
+def protocol_families(stats: spb.StatsResponse):
+    """The model server protocol's gauges, derived from one Stats answer. A figure the scheduler
+    did not send (or a pool it does not know yet: no blocks) is left out, never reported as 0,
+    so an endpoint picker does not take an unknown replica for an idle one."""
+    waiting = _single_value(stats, "waiting_jobs")
+    if waiting is not None:
+        family = GaugeMetricFamily(
+            PROTOCOL_METRICS["queued_requests"],
+            "Requests queued at this replica's scheduler: admitted, not in the running batch "
+            "(new, or preempted); the model server protocol's TotalQueuedRequests",
+        )
+        family.add_metric([], waiting)
+        yield family
+    running = _single_value(stats, "running_jobs")
+    if running is not None:
+        family = GaugeMetricFamily(
+            PROTOCOL_METRICS["running_requests"],
+            "Requests in this replica's running batch (in flight on the workers or in the last "
+            "batch); the model server protocol's TotalRunningRequests",
+        )
+        family.add_metric([], running)
+        yield family
+    total = _single_value(stats, "kv_blocks_total")
+    used = _single_value(stats, "kv_blocks_used")
+    if total and used is not None:
+        family = GaugeMetricFamily(
+            PROTOCOL_METRICS["kv_cache_usage"],
+            "Fraction (0 to 1) of this replica's device KV blocks held by jobs; prefix-cache "
+            "blocks no job references are free to evict and do not count as used; the model "
+            "server protocol's KVCacheUtilization",
+        )
+        family.add_metric([], min(max(used / total, 0.0), 1.0))
+        yield family
+    if total and stats.block_size_tokens:
+        family = GaugeMetricFamily(
+            PROTOCOL_METRICS["cache_config_info"],
+            "KV cache layout of this replica (value 1): block_size, tokens per block; "
+            "num_gpu_blocks, device KV blocks in the pool (vLLM's cache_config_info labels)",
+            labels=CACHE_INFO_LABELS,
+        )
+        family.add_metric([str(stats.block_size_tokens), str(int(total))], 1.0)
+        yield family
+
 
 class SchedulerStatsCollector:
     """Exports whatever the last StatsResponse holds, as the scheduler's own /metrics port
@@ -49,6 +117,7 @@ class SchedulerStatsCollector:
                 continue  # a type this frontend does not know (a newer scheduler)
             samples = [(dict(sample.labels), sample.value) for sample in metric.samples]
             yield metric_family(SCHEDULER_PREFIX + metric.name, kind, metric.help, samples)
+        yield from protocol_families(self.stats)
 
 
 class FrontendMetrics:

@@ -21,6 +21,7 @@ from services.frontend.validation import (
     MAX_ECHO_CHARS,
     SamplingRequest,
     check_chat,
+    check_role,
     check_sampling,
 )
 
@@ -284,6 +285,7 @@ def _messages(value: Any) -> list[ChatTurn]:
             if key not in ("role", "content", "name"):
                 raise _unknown(f"{name}.{key}")
         role = _string(message.get("role"), f"{name}.role")
+        check_role(role, f"{name}.role")  # before the content, so the role is named first
         turns.append(ChatTurn(role, _content(message.get("content"), f"{name}.content")))
     check_chat(turns, "messages")
     return turns

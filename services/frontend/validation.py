@@ -40,13 +40,13 @@ def check_chat(turns: Sequence[ChatTurn], field: str) -> None:
     if len(turns) > MAX_CHAT_MESSAGES:
         raise InvalidArgumentError(field, f"at most {MAX_CHAT_MESSAGES} messages, got {len(turns)}")
     for i, turn in enumerate(turns):
-        if turn.role not in CHAT_ROLES:
-            problem = (
-                "must not be empty" if not turn.role else f"unsupported role {echo(turn.role)}"
-            )
-            raise InvalidArgumentError(
-                f"{field}[{i}].role", f"{problem}; one of {', '.join(CHAT_ROLES)}"
-            )
+        check_role(turn.role, f"{field}[{i}].role")
+
+
+def check_role(role: str, field: str) -> None:
+    if role not in CHAT_ROLES:
+        problem = "must not be empty" if not role else f"unsupported role {echo(role)}"
+        raise InvalidArgumentError(field, f"{problem}; one of {', '.join(CHAT_ROLES)}")
 
 
 @dataclass(frozen=True, slots=True)

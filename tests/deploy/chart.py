@@ -69,6 +69,9 @@ SCENARIOS: dict[str, tuple[Path | None, tuple[str, ...]]] = {
             "frontend.autoscaling.enabled=true",
             "scheduler.prefixCache=false",
             "scheduler.hostCacheBlocks=0",
+            "frontend.priority.classes=3",
+            "frontend.priority.default=1",
+            "frontend.priority.top=1",
         ),
     ),
 }

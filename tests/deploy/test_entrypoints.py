@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import tomllib
 from unittest import mock
 
@@ -18,7 +19,10 @@ from services.common.flags import ENV_PREFIX, env_name
 from services.launcher import PortReservations, plan
 from services.launcher import add_arguments as add_launcher_arguments
 from tests.deploy.chart import (
+    CHART,
     DOCKERFILE,
+    NAMESPACE,
+    RELEASE,
     ROOT,
     SERVICES,
     fastserve_containers,
@@ -166,3 +170,33 @@ def test_prefix_cache_values_reach_the_scheduler(docs, scenario):
     values = merged_values(scenario)["scheduler"]
     assert args.no_prefix_cache is (not values["prefixCache"])
     assert args.host_cache_blocks == values["hostCacheBlocks"]
+
+
+def test_priority_values_reach_the_frontend(docs, scenario):
+    """frontend.priority, as the frontend parses it."""
+    ctr = fastserve_containers(docs)["frontend"]
+    args = build_parser("frontend", chart_env(ctr)).parse_args(ctr["args"][1:])
+    values = merged_values(scenario)["frontend"]["priority"]
+    assert (args.priority_classes, args.default_priority, args.top_priority) == (
+        values["classes"],
+        values["default"],
+        values["top"],
+    )
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("frontend.priority.classes=0",),
+        ("frontend.priority.classes=17",),
+        ("frontend.priority.classes=2", "frontend.priority.top=2"),
+        ("frontend.priority.classes=2", "frontend.priority.default=-1"),
+    ],
+)
+def test_priority_values_that_name_no_class_are_refused(helm, sets):
+    argv = [str(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE]
+    done = subprocess.run(
+        [*argv, *(a for s in sets for a in ("--set", s))], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "frontend.priority" in done.stderr

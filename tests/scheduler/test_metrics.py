@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.frontend.metrics import SchedulerStatsCollector
+from services.frontend.metrics import PROTOCOL_METRICS, SchedulerStatsCollector
 from services.scheduler.core import SchedulerStats
 from services.scheduler.core.stats import Counters
 from services.scheduler.engine import Engine
@@ -133,6 +133,12 @@ def test_the_stats_rpc_carries_every_series_the_metrics_port_exports():
         for sample in family.samples
     }
     assert relayed.pop(("fastserve_scheduler_up", ())) == 1
+    # Besides, the model server protocol's gauges, computed from the same answer
+    # (tests/frontend/test_protocol_metrics.py checks their values).
+    protocol = {key for key in relayed if key[0] in PROTOCOL_METRICS.values()}
+    assert {name for name, _ in protocol} == set(PROTOCOL_METRICS.values())
+    for key in protocol:
+        del relayed[key]
     assert relayed == own
     families = {
         family.name: family.type
