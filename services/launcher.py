@@ -5,8 +5,11 @@ each prints its ready line, then prints one `ready` line. It supervises them (se
 supervisor.py): a worker or the kvstore that dies is started again, within a restart budget
 (services/restart_budget.py); if the scheduler or frontend exits, or a child is in a crash loop,
 it names it, stops the rest and exits non-zero, so a half-running stack never looks healthy.
-SIGTERM / SIGINT stop every child; children also get SIGTERM if the launcher itself dies
-(PR_SET_PDEATHSIG), so nothing is orphaned. Which service flags `up` takes and hands on:
+SIGTERM / SIGINT stop the children in order, so no admitted request is lost: the frontend first,
+waited for while it drains (its requests in flight finish, up to --drain-timeout), then the
+scheduler, then the workers and the kvstore; a second Ctrl-C cuts the drain short, a third kills
+them. Children also get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG), so nothing is
+orphaned. Which service flags `up` takes and hands on:
 services/up_flags.py.
 """
 
@@ -28,6 +31,10 @@ from services.up_flags import FRONTEND, KVSTORE, SCHEDULER, WORKER, service_argv
 from services.worker.stage_layout import parse_layer_split
 
 DEFAULT_HTTP_PORT = 8000
+# The frontend's time to stop, beyond its --drain-timeout: closing its servers and its link.
+FRONTEND_STOP_MARGIN_S = 10.0
+# Stop order (Child.stop_stage): the frontend drains first, then the scheduler, then the rest.
+STOP_FRONTEND, STOP_SCHEDULER, STOP_BACKENDS = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +200,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             restartable=True,
             pass_fds=pass_fds if index == 0 else (),
             env=service_env(args, WORKER),
+            stop_stage=STOP_BACKENDS,
         )
         for index, port in enumerate(worker_ports)
     ]  # fmt: skip
@@ -203,6 +211,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             f"{local}:{kv_port}",
             restartable=True,
             env=service_env(args, KVSTORE),
+            stop_stage=STOP_BACKENDS,
         ),
         *workers,
         Child(
@@ -215,6 +224,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             ],
             f"{local}:{sched_port}",
             env=service_env(args, SCHEDULER),
+            stop_stage=STOP_SCHEDULER,
         ),
         Child(
             FRONTEND,
@@ -225,6 +235,8 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             ],
             f"{args.host}:{args.grpc_port}",
             env=service_env(args, FRONTEND),
+            stop_stage=STOP_FRONTEND,
+            stop_grace_s=args.drain_timeout + FRONTEND_STOP_MARGIN_S,
         ),
     ]  # fmt: skip
 
@@ -244,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
             f"fastserve: --layer-split names {len(split)} stages, --stages is {args.stages}",
             file=sys.stderr,
         )
+        return 2
+    if args.drain_timeout < 0:
+        print(f"fastserve: --drain-timeout must be >= 0, got {args.drain_timeout}", file=sys.stderr)
         return 2
     ports = PortReservations()
     try:

@@ -6,6 +6,12 @@ stderr), so the launcher sees the child's ready line (`<service> ready on <addre
 Supervision is one non-blocking step, `poll`, which the launcher calls in a loop: it notices
 ready lines and exits, and starts a due replacement, so a child that restarts or waits out its
 back-off never holds up the others.
+
+Each child runs in its own process group, so a Ctrl-C at the terminal reaches only the launcher,
+which stops the children in order (`stop_all`): the frontend first, waited for while it drains
+(its requests in flight finish), then the scheduler, then the workers and the kvstore, so no
+admitted request loses the processes it runs on. A second Ctrl-C / SIGTERM cuts the wait short
+(the frontend gets a second SIGTERM, which ends its drain); a third kills what is left.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from services.restart_budget import RestartBudget, RestartPolicy
 
 log = logging.getLogger("launcher")
 
-STOP_GRACE_S = 8.0
+STOP_GRACE_S = 8.0  # a child's time from SIGTERM to exit before it is killed
 NUM_TAIL_LINES = 20  # a child's last lines of output, quoted when it fails
 _PR_SET_PDEATHSIG = 1
 _SERVICE_COMMAND = (sys.executable, "-m", "services.cli")
@@ -43,6 +49,10 @@ class Child:
     pass_fds: tuple[int, ...] = ()  # inherited sockets (stage 0's rendezvous store)
     env: dict[str, str] = field(default_factory=dict)  # variables on top of the launcher's
     command: tuple[str, ...] = _SERVICE_COMMAND  # what runs `argv`
+    # Stopping: children of a lower stop_stage are stopped (and waited for) before the next
+    # stage is sent SIGTERM; each gets stop_grace_s from its SIGTERM before it is killed.
+    stop_stage: int = 0
+    stop_grace_s: float = STOP_GRACE_S
     process: subprocess.Popen | None = None
     ready: bool = False  # the current process printed its ready line
     was_ready: bool = False  # some process of this child did: only then is it restarted
@@ -112,6 +122,7 @@ class Supervisor:
         self.ready_timeout_s = ready_timeout_s
         self._budgets = {child.name: RestartBudget(self.policy) for child in children}
         self._stopping = False
+        self._stop_requests = 0  # stop signals received: 2 hurries the stop, 3 kills
         self._echo_lock = threading.Lock()
 
     def start(self) -> None:
@@ -133,6 +144,9 @@ class Supervisor:
             env=env,
             preexec_fn=_die_with_parent,
             pass_fds=child.pass_fds,
+            # Its own process group: a terminal's Ctrl-C goes to the launcher alone, which
+            # stops the children in order (stop_all).
+            process_group=0,
         )
         child.relays = [
             threading.Thread(
@@ -198,23 +212,27 @@ class Supervisor:
             # One that fails to start (bad flags, a model that does not load) would fail again,
             # and the scheduler and frontend hold state nobody rebuilds.
             return Failure(child, exit_reason(code))
-        verdict = self._budgets[child.name].record_exit(now)
+        verdict = self._budgets[child.name].record_exit(now, code)
         policy = self.policy
         if not verdict.restart:
             return Failure(
                 child,
                 f"{exit_reason(code)}: it died {verdict.num_deaths} times in "
-                f"{verdict.span_s:.1f}s, more than the {policy.max_restarts} restarts allowed "
-                f"within {policy.window_s:g}s (a crash loop)",
+                f"{verdict.span_s:.1f}s, before getting ready or on its own, more than the "
+                f"{policy.max_restarts} restarts allowed within {policy.window_s:g}s "
+                "(a crash loop)",
             )
         child.ready = False
         child.restart_at = now + verdict.delay_s
         when = f"in {verdict.delay_s:g}s" if verdict.delay_s > 0 else "now"
-        _say(
-            f"{child.name} {exit_reason(code)}; restarting it {when} (deaths within "
-            f"{policy.window_s:g}s: {verdict.num_deaths}; at {policy.max_restarts + 1} the stack "
-            "stops)"
-        )
+        if verdict.counted:
+            budget = (
+                f"crash-loop deaths within {policy.window_s:g}s: {verdict.num_deaths}; at "
+                f"{policy.max_restarts + 1} the stack stops"
+            )
+        else:
+            budget = "killed from outside after getting ready: not counted as a crash loop"
+        _say(f"{child.name} {exit_reason(code)}; restarting it {when} ({budget})")
         return None
 
     def _mark_ready(self, child: Child, now: float) -> None:
@@ -246,27 +264,61 @@ class Supervisor:
         return None
 
     def request_stop(self, *_: object) -> None:
+        """The launcher's SIGTERM / SIGINT handler: the first stops the stack in order, a
+        second hurries the stop (cuts the frontend's drain short), a third kills the rest."""
         self._stopping = True
+        self._stop_requests += 1
 
     @property
     def stopping(self) -> bool:
         return self._stopping
 
     def stop_all(self) -> None:
-        # Frontend first, so clients see a clean UNAVAILABLE rather than half an answer.
-        for child in reversed(self.children):
-            if child.process and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
-                child.process.kill()
-                child.process.wait()
+        """Stops every child, stage by stage (`Child.stop_stage`): each stage gets SIGTERM and
+        is waited for, up to each child's `stop_grace_s`, before the next one is told."""
+        self._stopping = True
+        for stage in sorted({child.stop_stage for child in self.children}):
+            group = [c for c in self.children if c.stop_stage == stage and c.process is not None]
+            self._stop_group(list(reversed(group)))
+
+    def _stop_group(self, group: list[Child]) -> None:
+        alive = [c for c in group if c.process is not None and c.process.poll() is None]
+        hurried = self._stop_requests >= 2
+        deadlines = {}
+        for child in alive:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+            grace = min(child.stop_grace_s, STOP_GRACE_S) if hurried else child.stop_grace_s
+            deadlines[child.name] = time.monotonic() + grace
+            if grace > STOP_GRACE_S:
+                _say(
+                    f"stopping {child.name}: up to {grace:g}s for its requests in flight "
+                    "(Ctrl-C again to cut it short)"
+                )
+        while alive:
+            if not hurried and self._stop_requests >= 2:
+                hurried = True  # a second signal: cut the waits short
+                for child in alive:
+                    assert child.process is not None
+                    child.process.send_signal(signal.SIGTERM)
+                    deadlines[child.name] = min(
+                        deadlines[child.name], time.monotonic() + STOP_GRACE_S
+                    )
+            now = time.monotonic()
+            for child in alive:
+                assert child.process is not None
+                if self._stop_requests >= 3 or now >= deadlines[child.name]:
+                    if self._stop_requests < 3:
+                        log.warning("%s did not stop in time; killing it", child.name)
+                    child.process.kill()
+            alive = [c for c in alive if c.process is not None and c.process.poll() is None]
+            if alive:
+                time.sleep(0.02)
+        for child in group:
+            assert child.process is not None
+            child.process.wait()
+            for relay in child.relays:
+                relay.join(timeout=0.5)  # its last lines reach the launcher's output
 
 
 def _say(message: str) -> None:

@@ -60,8 +60,26 @@ PASSED: tuple[Passed, ...] = (
         "requests in flight before new ones get RESOURCE_EXHAUSTED / HTTP 429 (0: no bound)",
         type=int,
     ),
+    _row(
+        "--drain-timeout",
+        FRONTEND,
+        "on Ctrl-C / SIGTERM, seconds the frontend's requests in flight may take to finish "
+        "before the scheduler and workers are stopped",
+        type=float,
+        default=30.0,
+    ),
     Passed("--api-key", FRONTEND, secret=True),  # auth.add_arguments, as the frontend's
     Passed("--api-key-file", FRONTEND),
+    _row(
+        "--priority-classes", FRONTEND, "priority classes, 0 runs first (1: one for all)", type=int
+    ),
+    _row("--default-priority", FRONTEND, "the class of a request that asks for none", type=int),
+    _row(
+        "--top-priority",
+        FRONTEND,
+        "the highest class a caller may use unless its API key names one",
+        type=int,
+    ),
     _row("--max-batch-size", SCHEDULER, "jobs per iteration", type=int, default=16),
     _row("--max-batched-tokens", SCHEDULER, "tokens per iteration", type=int, default=2048),
     _row(
@@ -216,15 +234,19 @@ WIRED: dict[str, dict[str, str]] = {
 }
 
 _KUBERNETES = "Kubernetes discovery; up wires the addresses of the processes it started"
+_STOPPED_IN_ORDER = (
+    "up stops it only after the frontend has drained (up --drain-timeout): nothing is left to "
+    "drain; a pod stopped on its own by Kubernetes needs it"
+)
 LEFT_OUT: dict[str, dict[str, str]] = {
-    FRONTEND: {
-        "--drain-timeout": "up stops the scheduler and workers with the frontend, so requests in "
-        "flight have nothing to finish on; draining is for a frontend replica behind a balancer",
+    FRONTEND: {},
+    SCHEDULER: {
+        **dict.fromkeys(
+            ("--discovery", "--namespace", "--worker-selector", "--kvstore-selector"), _KUBERNETES
+        ),
+        "--drain-timeout": _STOPPED_IN_ORDER,
     },
-    SCHEDULER: dict.fromkeys(
-        ("--discovery", "--namespace", "--worker-selector", "--kvstore-selector"), _KUBERNETES
-    ),
-    WORKER: {},
+    WORKER: {"--drain-timeout": _STOPPED_IN_ORDER},
     KVSTORE: {},
 }
 

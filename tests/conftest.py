@@ -1,3 +1,12 @@
+import os
+
+# Before gRPC loads (conftest.py is imported before any test module): its fork support, on by
+# default, re-makes the poller threads of a gRPC server a test ran in every child that a later
+# test forks with a preexec_fn (the supervisor's PR_SET_PDEATHSIG), and such a child may abort
+# when subprocess closes its descriptors. The launcher itself never starts gRPC: only a test
+# process meets this.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import pytest
 
 from testing.tiny_model import tiny_llama_dir

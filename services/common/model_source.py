@@ -51,6 +51,10 @@ MODEL_CACHE = Path(
     os.environ.get("FASTSERVE_MODEL_CACHE", Path.home() / ".cache" / "fastserve" / "models")
 )
 _CONVERTED = "fastserve-converted"  # marker file: the folder is complete
+# Part of a converted folder's cache key: a change in how it is written converts again. Layout 2:
+# a tied embedding under model.embed_tokens.weight, as Hugging Face's own checkpoints (layout 1
+# wrote it only as lm_head.weight, which vLLM does not read as the embedding).
+_CHECKPOINT_LAYOUT = "layout 2"
 _unwritable: set[Path] = set()  # targets this process failed to write: it reads the GGUF
 # Tokenizer classes that are exactly their tokenizer.json; others go through AutoTokenizer.
 _PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -164,7 +168,10 @@ def local_folder(source: ModelSource, *, weights: bool = True) -> ModelSource:
 
     gguf = (source.directory / source.gguf_file).resolve()
     stat = gguf.stat()
-    key = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
+    key = (
+        f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|transformers {transformers.__version__}"
+        f"|{_CHECKPOINT_LAYOUT}"
+    )
     target = MODEL_CACHE / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not weights and not (target / _CONVERTED).is_file():
         target = target.with_name(f"{target.name}-tokenizer")
@@ -202,7 +209,6 @@ def convert_once(target: Path, convert: Callable[[Path], None]) -> None:
 
 def _convert_gguf(source: ModelSource, folder: Path, *, weights: bool) -> None:
     import torch
-    from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     log.info("converting %s once into %s", source.gguf_file, folder.parent)
@@ -215,11 +221,28 @@ def _convert_gguf(source: ModelSource, folder: Path, *, weights: bool) -> None:
         return
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs)
     # The weights are dequantized already: save a plain float32 checkpoint (transformers'
-    # save_pretrained refuses a model loaded from GGUF). save_model keeps tied weights once.
+    # save_pretrained refuses a model loaded from GGUF).
     del model.config.quantization_config
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_checkpoint(model, folder)
+
+
+def save_checkpoint(model: PreTrainedModel, folder: Path) -> None:
+    """`model`'s weights as a standard Hugging Face `model.safetensors`, the names its own
+    checkpoints use: a tied embedding once, as `model.embed_tokens.weight` (no `lm_head.weight`,
+    which the config's `tie_word_embeddings` makes the same matrix), an untied head as both.
+    Other readers (vLLM, transformers) then load the folder as they load a hub checkpoint."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is not None and embedding is not None and head.data_ptr() == embedding.data_ptr():
+        tensors["lm_head.weight"] = head.clone()  # untied by config, one matrix in memory
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _plain_tokenizer(source: ModelSource) -> bool:

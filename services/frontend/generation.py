@@ -207,6 +207,8 @@ class GenerationCore:
                     raise UnavailableError(f"{batch}; retry the request")
                 for event in batch:
                     if event.kind == spb.EVENT_KIND_REJECTED:
+                        if event.retry:  # the scheduler is shutting down
+                            raise UnavailableError(event.error)
                         name, _, problem = event.error.partition(": ")
                         raise InvalidArgumentError(name, problem)
                     state = STATES.get(event.kind)

@@ -58,6 +58,7 @@ def event_to_pb(event: Event) -> spb.JobEvent:
         queue_level=event.queue_level,
         finish_reason=_FINISH_REASONS[event.finish_reason],
         error=event.error,
+        retry=event.retry,
         num_cached_tokens=event.num_cached_tokens,
         logprobs=[
             cpb.TokenLogprobs(

@@ -31,6 +31,9 @@ from services.scheduler.inbox import Cancel, Disconnect, InboxMessage, Submit
 from services.scheduler.pipeline import Pipeline, StepResult
 from services.scheduler.worker_link import WorkerError
 
+# Why a job submitted while the scheduler drains is refused (with Event.retry).
+SHUTTING_DOWN = "scheduler: shutting down; retry the request"
+
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
@@ -181,9 +184,19 @@ class Engine:
         core = self._core
         events: list[Event] = []
         match message:
-            case Submit(owner, jobs, rejected):
+            case Submit(owner, jobs, rejected, refused):
                 for job_id, error in rejected:
                     events.append(Event(job_id, EventKind.REJECTED, owner=owner, error=error))
+                for job_id in refused:
+                    events.append(
+                        Event(
+                            job_id,
+                            EventKind.REJECTED,
+                            owner=owner,
+                            error=SHUTTING_DOWN,
+                            retry=True,
+                        )
+                    )
                 for job in jobs:
                     job.owner = owner
                     events.extend(core.add_job(job))

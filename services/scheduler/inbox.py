@@ -16,6 +16,9 @@ class Submit:
     owner: str
     jobs: list[Job]
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    # Job ids refused because the scheduler is shutting down: the frontend answers UNAVAILABLE
+    # and the client retries (on another replica).
+    refused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

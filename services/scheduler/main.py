@@ -1,4 +1,10 @@
-"""`fastserve scheduler`: the scheduler process."""
+"""`fastserve scheduler`: the scheduler process.
+
+On SIGTERM it drains before it stops: its health turns to not serving, new jobs are refused
+(the frontend answers UNAVAILABLE / 503 with Retry-After, so clients retry elsewhere), and the
+jobs it holds (running, waiting, swapped out) run to their end for up to --drain-timeout
+seconds, so a pod that Kubernetes stops does not drop admitted requests; then it stops (jobs
+still left end with an error, and their clients retry). A second SIGTERM stops it at once."""
 
 from __future__ import annotations
 
@@ -9,7 +15,13 @@ from pathlib import Path
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
-from services.common.lifecycle import announce_ready, catch_stop_signals, run_until_signal
+from services.common.lifecycle import (
+    add_drain_timeout_flag,
+    announce_ready,
+    catch_stop_signals,
+    drain_while,
+    run_until_signal,
+)
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.scheduler.core import SchedulerConfig, SchedulerCore
@@ -76,7 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(
         parser, "--worker-timeout", type=float, default=600.0, help="seconds to wait for worker"
     )
+    add_drain_timeout_flag(parser, "scheduler", "the jobs it holds")
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+def has_jobs(engine: Engine) -> bool:
+    """Whether the engine still holds a job (from its last published stats)."""
+    core = engine.stats.core
+    return bool(
+        core.num_waiting_jobs + core.num_running_jobs + core.num_preempted_jobs + core.num_host_jobs
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,9 +178,8 @@ def run(args: argparse.Namespace) -> int:
     )
     engine.start()
     server, health = build_server([SERVICE_NAME], reuse_port=args.reuse_port)
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(engine, args.policy, info.block_size, args.kv_policy), server
-    )
+    servicer = SchedulerServicer(engine, args.policy, info.block_size, args.kv_policy)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()
     set_health(health, [SERVICE_NAME], serving=True)
@@ -168,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
 
     def stop() -> None:
         set_health(health, [SERVICE_NAME], serving=False)
+        servicer.start_draining()  # new jobs: refused, and their clients retry
+        if has_jobs(engine):
+            log.info("scheduler: draining its jobs (up to %gs)", args.drain_timeout)
+            if not drain_while(lambda: has_jobs(engine), args.drain_timeout):
+                log.warning("scheduler: stopping with jobs left")
         server.stop(grace=2).wait()
         if metrics is not None:
             metrics.stop()

@@ -26,6 +26,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._policy_name = policy_name
         self._kv_policy = kv_policy
         self._block_size = block_size
+        self.draining = False  # set on SIGTERM: new jobs are refused, with retry
+
+    def start_draining(self) -> None:
+        """From now on new jobs are refused (the frontend answers UNAVAILABLE, the client
+        retries); the jobs admitted run on."""
+        self.draining = True
 
     def Connect(self, request_iterator, context):
         frontend_id = uuid.uuid4().hex[:12]
@@ -47,6 +53,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             for message in request_iterator:
                 if message.submits:
+                    if self.draining:
+                        refused = [submit.job_id for submit in message.submits]
+                        self._engine.post(Submit(frontend_id, [], refused=refused))
+                        continue
                     jobs, rejected = [], []
                     for submit in message.submits:
                         try:

@@ -1,10 +1,16 @@
-"""`fastserve worker`: one model-shard worker, the whole model or one pipeline stage."""
+"""`fastserve worker`: one model-shard worker, the whole model or one pipeline stage.
+
+On SIGTERM it keeps serving while a scheduler's command stream is open, for up to
+--drain-timeout seconds, so that a scheduler stopped at the same time (a Kubernetes rollout or
+uninstall stops pods independently) can run its admitted jobs to their end; then it stops. A
+second SIGTERM stops it at once."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import threading
 
 import torch
 
@@ -12,7 +18,13 @@ from fastserve.worker.v1 import worker_pb2 as wpb
 from fastserve.worker.v1 import worker_pb2_grpc
 from services.common.flags import add_flag
 from services.common.grpc_server import add_reuse_port_flag, bind, build_server, set_health
-from services.common.lifecycle import announce_ready, catch_stop_signals, run_until_signal
+from services.common.lifecycle import (
+    add_drain_timeout_flag,
+    announce_ready,
+    catch_stop_signals,
+    drain_while,
+    run_until_signal,
+)
 from services.common.logs import LOG_LEVELS, setup_logging
 from services.common.metrics_port import add_metrics_port_flag, start_metrics_server
 from services.common.model_source import (
@@ -98,7 +110,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds to wait for the other stages (forming the group, activations)",
     )
+    add_drain_timeout_flag(parser, "worker", "a scheduler still connected")
     add_flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+
+
+class DrainingServicer(WorkerServicer):
+    """The worker's servicer, counting the schedulers' open command streams."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._streams_lock = threading.Lock()
+        self.num_open_streams = 0
+
+    def Run(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        with self._streams_lock:
+            self.num_open_streams += 1
+        try:
+            yield from super().Run(request_iterator, context)
+        finally:
+            with self._streams_lock:
+                self.num_open_streams -= 1
 
 
 def cpu_has_native_bf16() -> bool:
@@ -205,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.registry, args.host, args.metrics_port, f"worker stage {args.stage_index}"
     )
     server, health = build_server([SERVICE_NAME], max_workers=8, reuse_port=args.reuse_port)
-    servicer = WorkerServicer(executor, info, observer=metrics.observe)
+    servicer = DrainingServicer(executor, info, observer=metrics.observe)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()
@@ -215,6 +246,12 @@ def run(args: argparse.Namespace) -> int:
 
     def stop() -> None:
         set_health(health, [SERVICE_NAME], serving=False)
+        if servicer.num_open_streams:
+            log.info(
+                "worker: serving its scheduler until it disconnects (up to %gs)", args.drain_timeout
+            )
+            if not drain_while(lambda: servicer.num_open_streams > 0, args.drain_timeout):
+                log.warning("worker: stopping with a scheduler still connected")
         server.stop(grace=1).wait()
         if metrics_server is not None:
             metrics_server.stop()

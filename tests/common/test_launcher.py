@@ -12,8 +12,15 @@ import grpc
 import pytest
 
 from services.common.grpc_server import bind, build_server
-from services.launcher import PortReservations, available_cpus, cpu_plan, plan
+from services.launcher import (
+    FRONTEND_STOP_MARGIN_S,
+    PortReservations,
+    available_cpus,
+    cpu_plan,
+    plan,
+)
 from services.launcher import add_arguments as add_launcher_arguments
+from services.supervisor import STOP_GRACE_S
 
 
 def test_a_reserved_port_is_refused_to_others_and_joined_by_a_reuse_port_server():
@@ -156,3 +163,35 @@ def test_up_hands_api_keys_and_the_queue_bound_to_the_frontend(monkeypatch):
         add_frontend_arguments(frontend_parser)
     seen = frontend_parser.parse_args(frontend.argv[1:])
     assert seen.api_key == ["s3cr3t", "other"] and seen.max_queued_requests == 7
+
+
+def test_up_stops_the_frontend_first_with_a_grace_that_covers_its_drain_timeout():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(
+            ["--grpc-port", "0", "--http-port", "0", "--stages", "2", "--drain-timeout", "45"]
+        )
+        children = {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+    frontend, scheduler = children.pop("frontend"), children.pop("scheduler")
+    assert frontend.argv[frontend.argv.index("--drain-timeout") + 1] == "45.0"
+    assert frontend.stop_grace_s == 45.0 + FRONTEND_STOP_MARGIN_S
+    assert frontend.stop_stage < scheduler.stop_stage
+    assert all(scheduler.stop_stage < c.stop_stage for c in children.values())  # workers, kvstore
+    assert all(c.stop_grace_s == STOP_GRACE_S for c in [scheduler, *children.values()])
+
+
+def test_a_negative_drain_timeout_is_refused():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--grpc-port", "0", "--drain-timeout", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--drain-timeout must be >= 0" in result.stderr

@@ -197,7 +197,78 @@ def test_prepare_model_converts_the_default_gguf_into_the_cache():
     assert prepared.returncode == 0, prepared.stderr
     folder = Path(prepared.stdout.strip())
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    # SmolLM2 ties its head: the embedding under its own name, once (vLLM reads this folder).
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert model_source.local_folder(resolve_model(DEFAULT_MODEL)).directory == folder
     assert (
         model_source.local_folder(resolve_model(DEFAULT_MODEL), weights=False).directory == folder
     )
+
+
+LLAMA_TENSORS = (
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    *(
+        f"model.layers.{layer}.{name}.weight"
+        for layer in range(4)
+        for name in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
+            "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj",
+        )
+    ),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_converted_checkpoint_is_a_standard_llama_folder_that_transformers_and_we_agree_on(
+    tmp_path, tiny_model_dir, tied
+):
+    """What `prepare-model` writes: Hugging Face's names (a tied embedding as
+    model.embed_tokens.weight only, as HF's own checkpoints; vLLM reads no lm_head.weight as the
+    embedding), loaded by transformers, whose greedy output equals FastServe's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from services.worker.model_runner import ModelRunner
+    from services.worker.models.loader import load_serving_model
+    from testing.tiny_model import tiny_llama_config
+    from tests.oracle import assert_greedy_matches, hf_greedy
+    from tests.worker.test_model_runner import drive, make_prompts
+
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(3)
+    original = AutoModelForCausalLM.from_config(
+        tiny_llama_config(vocab, tie_word_embeddings=tied)
+    ).eval()
+    with torch.no_grad():
+        for param in original.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    original.config.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    model_source.save_checkpoint(original, folder)
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    assert names == set(LLAMA_TENSORS) | ({"lm_head.weight"} if not tied else set())
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is tied
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(hf.state_dict()[name], tensor, rtol=0, atol=0)
+    ours = load_serving_model(
+        resolve_model(str(folder)), layers=None, dtype=torch.float32, device="cpu"
+    )
+    prompts = make_prompts(vocab, lens=(5, 17))
+    outputs = drive(ModelRunner(ours, num_blocks=16, block_size=16), prompts).outputs
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert_greedy_matches(hf, prompt, output, hf_greedy(hf, prompt, len(output)))

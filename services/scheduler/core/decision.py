@@ -88,6 +88,7 @@ class Event:
     queue_level: int = 0  # QUEUED
     finish_reason: FinishReason | None = None  # FINISHED
     error: str = ""  # REJECTED: names the offending field
+    retry: bool = False  # REJECTED only for now (shutting down): the client should retry
     # TOKENS, FINISHED: prompt tokens its first prefill found in the prefix cache.
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked
