@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
@@ -28,7 +29,7 @@ from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.core.config import KV_POLICIES
 from services.scheduler.core.policies import make_policy
 from services.scheduler.discovery import add_discovery_arguments, discovery_from_args
-from services.scheduler.engine import Engine
+from services.scheduler.engine import STATS_INTERVAL_S, Engine
 from services.scheduler.metrics import make_registry
 from services.scheduler.pipeline import Pipeline
 from services.scheduler.policy_flags import add_policy_arguments, policy_options
@@ -189,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     def stop() -> None:
         set_health(health, [SERVICE_NAME], serving=False)
         servicer.start_draining()  # new jobs: refused, and their clients retry
+        # Submits read before that are in the engine's inbox: let it admit them and publish.
+        time.sleep(2 * STATS_INTERVAL_S)
         if has_jobs(engine):
             log.info("scheduler: draining its jobs (up to %gs)", args.drain_timeout)
             if not drain_while(lambda: has_jobs(engine), args.drain_timeout):
