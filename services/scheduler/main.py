@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
             args.host_cache_blocks if args.host_cache_blocks >= 0 else info.num_blocks
         ),
     )
-    worker.open()
+    try:
+        worker.open()  # the stages form their group: a stage that cannot join says why
+    except WorkerError as exc:
+        raise SystemExit(f"scheduler: the pipeline could not form: {exc}") from exc
     profile = load_or_measure(
         worker,
         info,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import time
 
 import torch
@@ -23,6 +24,30 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
+
+
+class StageDeviceError(RuntimeError):
+    """Pipeline stages that cannot share the device they were given."""
+
+
+def device_identity(device: torch.device) -> str:
+    """Which physical device this is, comparable across processes on one host and across
+    hosts: host name and GPU UUID for CUDA; host name and "cpu" otherwise."""
+    host = socket.gethostname()
+    if device.type != "cuda":
+        return f"{host}/cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"{host}/{torch.cuda.get_device_properties(index).uuid}"
+
+
+def first_shared_device(devices: list[str]) -> tuple[int, int] | None:
+    """The first two stages (by index) on the same device, or None."""
+    seen: dict[str, int] = {}
+    for stage, device in enumerate(devices):
+        if device in seen:
+            return seen[device], stage
+        seen[device] = stage
+    return None
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -96,6 +121,7 @@ class StageGroup:
             store = dist.TCPStore(self._host, self._port, None, False, timeout=self._timeout)
         prefixed = dist.PrefixStore(f"fastserve/{group_id}/", store)
         started = time.perf_counter()
+        self._check_devices(prefixed)
         if self.backend == "nccl":
             self._group = dist.ProcessGroupNCCL(prefixed, self.stage_index, self.num_stages)
         else:
@@ -111,6 +137,23 @@ class StageGroup:
             self.backend,
             time.perf_counter() - started,
         )
+
+    def _check_devices(self, store: dist.Store) -> None:
+        """Every stage says which device it runs on before the group forms; with NCCL, two
+        stages on one GPU are refused with a message that says so (NCCL would fail with an
+        error that does not)."""
+        store.set(f"device/{self.stage_index}", device_identity(self.device))
+        keys = [f"device/{i}" for i in range(self.num_stages)]
+        store.wait(keys, self._timeout)
+        devices = [store.get(key).decode() for key in keys]
+        if self.backend == "nccl" and (clash := first_shared_device(devices)) is not None:
+            first, second = clash
+            raise StageDeviceError(
+                f"pipeline stages {first} and {second} are both on GPU {devices[first]}: NCCL "
+                "cannot run two pipeline ranks on one device. Give each stage its own GPU "
+                "(--device cuda:N, or CUDA_VISIBLE_DEVICES per worker), or pass "
+                "--pipeline-backend gloo to send activations through host memory"
+            )
 
     def send_next(self, hidden: torch.Tensor) -> None:
         """Sends activations to the next stage without waiting for it to take them; the send

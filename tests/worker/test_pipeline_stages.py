@@ -6,6 +6,7 @@ short); greedy output must equal transformers' whole-model output."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.batch import SeqChunk
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
-from services.worker.pipeline import StageGroup
+from services.worker.pipeline import StageDeviceError, StageGroup, first_shared_device
 from services.worker.stage_layout import parse_layer_split, split_layers
 from testing.local_pipeline import LocalPipeline
 from tests.oracle import assert_greedy_matches, hf_greedy
@@ -109,3 +110,33 @@ def test_a_step_before_the_group_is_formed_is_refused(tiny_hf_model):
     chunk = SeqChunk("j", [5, 6], 0, [0], True, GREEDY)
     with pytest.raises(RuntimeError, match="not formed"):
         executors[0].step([chunk])
+
+
+def test_two_stages_on_one_device_are_refused_with_nccl_saying_why():
+    """NCCL cannot run two ranks on one GPU, and its own error does not say so. The stages
+    tell each other their device before the group forms (over the real store): on CPU both
+    are "this host's cpu", which stands in for one shared GPU."""
+    assert first_shared_device(["a/gpu-0", "a/gpu-1", "b/gpu-0"]) is None
+    assert first_shared_device(["a/gpu-0", "a/gpu-1", "a/gpu-0"]) == (0, 2)
+    rendezvous = f"127.0.0.1:{free_port()}"
+    stages = [
+        StageGroup(i, 2, rendezvous, device=torch.device("cpu"), backend="nccl", timeout_s=20)
+        for i in range(2)
+    ]
+    errors: list[BaseException] = []
+
+    def form(stage: StageGroup) -> None:
+        try:
+            stage.form("one-gpu")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=form, args=(stage,)) for stage in stages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 2 and all(isinstance(e, StageDeviceError) for e in errors)
+    assert "stages 0 and 1" in str(errors[0]) and "--pipeline-backend gloo" in str(errors[0])
+    for stage in stages:
+        stage.close()
