@@ -37,7 +37,8 @@ def device_identity(device: torch.device) -> str:
     if device.type != "cuda":
         return f"{host}/cpu"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"{host}/{torch.cuda.get_device_properties(index).uuid}"
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"{host}/{uuid or f'cuda:{index}'}"
 
 
 def first_shared_device(devices: list[str]) -> tuple[int, int] | None:
