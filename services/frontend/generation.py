@@ -268,7 +268,7 @@ class GenerationCore:
             if finish_reason in ("error", "cancelled"):  # the client went away, or an error
                 self.link.cancel(job_id)
             if self.metrics is not None:
-                self.metrics.observe_request(finish_reason, timer, num_generated)
+                self.metrics.observe_request(finish_reason, timer, num_generated, request.priority)
 
 
 class _Timer:

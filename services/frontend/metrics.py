@@ -22,6 +22,7 @@ from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.metric_family import metric_family
+from services.frontend.priority import DEFAULT_GRANT, Granted
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,20 @@ class FrontendMetrics:
             "Output tokens generated",
             registry=self.registry,
         )
+        self.class_requests = Counter(
+            "fastserve_priority_requests",
+            "Requests that reached the scheduler, by the priority class they ran in and whether "
+            "that was capped below the one asked for (the API key's right)",
+            ["priority", "capped"],
+            registry=self.registry,
+        )
+        self.class_ttft = Histogram(
+            "fastserve_priority_time_to_first_token_seconds",
+            "Time from submit to the first generated token, by priority class",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "fastserve_requests_in_flight", "Requests waiting or running", registry=self.registry
         )
@@ -168,12 +183,18 @@ class FrontendMetrics:
         self._scheduler_address = scheduler_address
         self._channel: grpc.aio.Channel | None = None
 
-    def observe_request(self, finish_reason: str, timer, num_generated: int) -> None:
+    def observe_request(
+        self, finish_reason: str, timer, num_generated: int, priority: Granted = DEFAULT_GRANT
+    ) -> None:
         now = time.monotonic()
         self.requests.labels(finish_reason).inc()
+        self.class_requests.labels(str(priority.priority), str(priority.capped).lower()).inc()
         self.generation_tokens.inc(num_generated)
         if timer.first_token_s is not None:
             self.ttft.observe(timer.first_token_s - timer.start_s)
+            self.class_ttft.labels(str(priority.priority)).observe(
+                timer.first_token_s - timer.start_s
+            )
             if num_generated > 1:
                 self.tpot.observe((now - timer.first_token_s) / (num_generated - 1))
         if finish_reason in ("stop", "length"):

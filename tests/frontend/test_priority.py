@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
@@ -99,6 +100,31 @@ def test_http_and_grpc_send_the_granted_class_and_say_when_it_was_capped(model):
                 scheduler.release(job_id, ids)
                 last = [r async for r in call][-1]
                 assert (last.priority, last.priority_capped) == (granted, capped)
+
+            async with http.get("/metrics") as reply:
+                text = await reply.text()
+            counts = {
+                (s.labels["priority"], s.labels["capped"]): s.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "fastserve_priority_requests"
+                for s in family.samples
+                if s.name.endswith("_total")
+            }
+            # Two of each row of `asks`, one over HTTP, one over gRPC.
+            assert counts == {
+                ("0", "false"): 2,
+                ("1", "true"): 2,
+                ("1", "false"): 2,
+                ("2", "false"): 2,
+            }
+            ttft = {
+                s.labels["priority"]: s.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "fastserve_priority_time_to_first_token_seconds"
+                for s in family.samples
+                if s.name.endswith("_count")
+            }
+            assert ttft == {"0": 2, "1": 4, "2": 2}
 
     asyncio.run(main())
 
