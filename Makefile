@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GEN_STAMP := gen/.stamp
 ARGS ?=
 
-.PHONY: install proto run test test-fast lint format bench bench-peers docker helm-lint clean
+.PHONY: install proto run test test-fast lint format bench bench-peers gpu-check docker helm-lint clean
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -68,6 +68,12 @@ bench: install
 # OpenAI-compatible server with ARGS="--peer-url URL"; report and plots under docs/results.
 bench-peers: install
 	$(PY) -m bench.peers $(ARGS)
+
+# The one-command GPU check (issue 15): each step in its own process under its own time limit,
+# at most 8 minutes in all; report and JSON under docs/benchmarks. Without CUDA it runs its CPU
+# mode (tiny sizes). An offline GPU machine needs the wheels the report lists (bench/README.md).
+gpu-check: install
+	$(PY) -m bench.gpu_check $(ARGS)
 
 docker:
 	docker build -f deploy/docker/Dockerfile -t fastserve:latest .
