@@ -62,7 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--kvstore-port", type=int, default=0, help="0 picks a free port")
     add_policy_arguments(parser)
-    add_flag(parser, "--device", default="cpu", help="worker device: cpu, cuda, cuda:N")
+    add_flag(
+        parser,
+        "--device",
+        default="cpu",
+        help="worker device: cpu, cuda, cuda:N, or one per stage, comma-separated; with several "
+        "stages, cuda gives stage i cuda:i (NCCL needs a GPU per stage)",
+    )
     add_flag(
         parser,
         "--worker-threads",
@@ -152,6 +158,20 @@ def http_port(args: argparse.Namespace, ports: PortReservations) -> int:
     return ports.pick(args.host) if args.http_port == 0 else int(args.http_port)
 
 
+def stage_devices(device: str, num_stages: int) -> list[str]:
+    """Each stage's `--device`: `device` for all, except that `cuda` with several stages gives
+    stage i `cuda:i` (NCCL cannot run two stages on one GPU), and a comma-separated list names
+    one device per stage. ValueError when a list has the wrong length."""
+    if "," in device:
+        devices = [d.strip() for d in device.split(",")]
+        if len(devices) != num_stages:
+            raise ValueError(f"--device names {len(devices)} devices, --stages is {num_stages}")
+        return devices
+    if device == "cuda" and num_stages > 1:
+        return [f"cuda:{i}" for i in range(num_stages)]
+    return [device] * num_stages
+
+
 def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
     """The four children and their command lines (the same entry points a container runs).
     Ports given as 0 are picked and held in `ports`; `args` is updated with the picks."""
@@ -182,6 +202,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
                 "--layer-split", args.layer_split,
             ]  # fmt: skip
         stage_flags[0] += ["--rendezvous-fd", str(store.fileno())]
+    devices = stage_devices(args.device, args.stages)
     if args.device == "cpu":
         for flags, (threads, cpus) in zip(
             stage_flags, cpu_plan(available_cpus(), args.stages, args.worker_threads), strict=True
@@ -191,7 +212,7 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
         Child(
             "worker" if args.stages == 1 else f"worker{index}",
             [
-                WORKER, "--port", str(port), *model, "--device", args.device,
+                WORKER, "--port", str(port), *model, "--device", devices[index],
                 "--kvstore-address", f"{local}:{kv_port}", *stage_flags[index], *metrics,
                 *service_argv(args, WORKER), *internal,
             ],

@@ -155,6 +155,15 @@ def run(args: argparse.Namespace) -> int:
     configure_threads(args.threads, args.cpus)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("worker: --device cuda requested but CUDA is not available")
+    if args.device.startswith("cuda:"):
+        index = torch.device(args.device).index or 0
+        if index >= torch.cuda.device_count():
+            raise SystemExit(
+                f"worker: --device {args.device}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s) (fastserve up --device cuda gives "
+                "stage i cuda:i; two stages on one GPU need --pipeline-backend gloo and "
+                "--device cuda:0,cuda:0)"
+            )
     dtype = DTYPES[args.dtype]
     if args.device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         log.warning("this CPU has no native bfloat16 (AVX512_BF16 / AMX): bfloat16 is emulated")

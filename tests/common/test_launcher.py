@@ -18,6 +18,7 @@ from services.launcher import (
     available_cpus,
     cpu_plan,
     plan,
+    stage_devices,
 )
 from services.launcher import add_arguments as add_launcher_arguments
 from services.supervisor import STOP_GRACE_S
@@ -195,3 +196,23 @@ def test_a_negative_drain_timeout_is_refused():
         timeout=60,
     )
     assert result.returncode == 2 and "--drain-timeout must be >= 0" in result.stderr
+
+
+def test_each_stage_gets_its_own_gpu_unless_told_otherwise():
+    assert stage_devices("cpu", 2) == ["cpu", "cpu"]
+    assert stage_devices("cuda", 1) == ["cuda"]
+    assert stage_devices("cuda", 3) == ["cuda:0", "cuda:1", "cuda:2"]  # NCCL: a GPU per stage
+    assert stage_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]  # as asked (with gloo)
+    assert stage_devices("cuda:1, cuda:0", 2) == ["cuda:1", "cuda:0"]
+    with pytest.raises(ValueError, match="names 3 devices, --stages is 2"):
+        stage_devices("cuda:0,cuda:1,cuda:2", 2)
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(["--grpc-port", "0", "--stages", "2", "--device", "cuda"])
+        children = {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+    devices = [children[f"worker{i}"].argv for i in range(2)]
+    assert [argv[argv.index("--device") + 1] for argv in devices] == ["cuda:0", "cuda:1"]
