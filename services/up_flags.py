@@ -93,6 +93,12 @@ PASSED: tuple[Passed, ...] = (
     _row("--swap-cost-scale", SCHEDULER, "0: always swap", type=float, default=1.0),
     _row("--no-prefix-cache", SCHEDULER, "no sharing of cached prefixes", action="store_true"),
     _row(
+        "--no-async-scheduling",
+        SCHEDULER,
+        "wait for each step's tokens before scheduling the next",
+        action="store_true",
+    ),
+    _row(
         "--host-cache-blocks",
         SCHEDULER,
         "cached prefix blocks kept in the kvstore (-1: as many as the device pool; 0: none)",

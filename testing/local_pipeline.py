@@ -31,7 +31,15 @@ def worker_command(decision: Decision) -> Command:
     return Command(
         action=Step(
             [
-                SeqChunk(c.job_id, c.token_ids, c.start_pos, c.block_ids, c.sample, c.sampling)
+                SeqChunk(
+                    c.job_id,
+                    c.token_ids,
+                    c.start_pos,
+                    c.block_ids,
+                    c.sample,
+                    c.sampling,
+                    c.from_last_sample,
+                )
                 for c in decision.chunks
             ]
         ),

@@ -84,6 +84,7 @@ def decision_to_command(decision: Decision, command_id: int) -> wpb.Command:
             sample=chunk.sample,
             # Absent when the workers hold the job's settings already (see worker.proto).
             sampling=None if chunk.sampling is None else sampling_to_pb(chunk.sampling),
+            from_last_sample=chunk.from_last_sample,
         )
         for chunk in decision.chunks
     ]

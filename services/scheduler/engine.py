@@ -114,7 +114,8 @@ class Engine:
             os._exit(70)
 
     def _loop(self) -> None:
-        depth = self._worker.num_stages
+        # Decisions in flight: one per stage; async decoding sends the next while one runs.
+        depth = self._worker.num_stages + (1 if self._core.config.async_decode else 0)
         core = self._core
         while not self._stop.is_set():
             self._drain_inbox(block=not core.has_work() and not core.num_in_flight)

@@ -74,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         parser,
+        "--no-async-scheduling",
+        action="store_true",
+        help="wait for each step's tokens before scheduling the next one (by default, with one "
+        "pipeline stage, a decoding job's next step is sent while its current one runs, and "
+        "the worker feeds it the token it sampled)",
+    )
+    add_flag(
+        parser,
         "--no-prefix-cache",
         action="store_true",
         help="compute every prompt from scratch instead of sharing cached prefix blocks",
@@ -146,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         block_bytes=info.block_bytes,
         swap_cost_scale=args.swap_cost_scale,
         prefix_caching=not args.no_prefix_cache,
+        # One stage only: with several, the token is sampled on the last and needed on the first.
+        async_decode=not args.no_async_scheduling and info.num_stages == 1,
         # What else fixes a block's content besides its tokens: the model and the stage layout.
         prefix_cache_salt=f"{info.model_name}|{info.dtype}|{'+'.join(map(str, info.layer_split))}",
         host_cache_blocks=(

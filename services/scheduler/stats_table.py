@@ -185,7 +185,8 @@ TABLE: tuple[Series, ...] = (
     ),
     _gauge(
         "mean_iteration_seconds",
-        "Mean iteration wall time (schedule to update), last 1000 batches",
+        "Mean wall time an iteration holds the workers (from its schedule, or the previous "
+        "iteration's results if later, to its results), last 1000 batches",
         lambda s: s.core.mean_iteration_s,
     ),
     _gauge(

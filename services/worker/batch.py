@@ -30,6 +30,9 @@ class SeqChunk:
     # How to sample. None: the settings the Executor holds for the job (a command sends them
     # once, see worker.proto); a ModelRunner used on its own then samples greedily.
     sampling: SamplingParams | None = None
+    # Async decoding: token_ids is a placeholder for the token this worker sampled for the job
+    # in its previous step (the scheduler did not know it yet); the Executor puts it in.
+    from_last_sample: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.common.sampling import SamplingParams, TokenLogprobs
 from services.worker.batch import SeqChunk
@@ -51,6 +51,7 @@ class Executor:
         self._holders: dict[int, set[str]] = {}  # block id -> jobs whose tables hold it
         self._blocks_of: dict[str, set[int]] = {}
         self._sampling: dict[str, SamplingParams] = {}  # job id -> its settings, once sent
+        self._last_sampled: dict[str, int] = {}  # job id -> the token the last step sampled
 
     @property
     def num_used_blocks(self) -> int:
@@ -104,6 +105,7 @@ class Executor:
             self.swapper.forget(job_ids)
         for job_id in job_ids:
             self._sampling.pop(job_id, None)
+            self._last_sampled.pop(job_id, None)
 
     def _release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -167,6 +169,7 @@ class Executor:
         self._holders.clear()
         self._blocks_of.clear()
         self._sampling.clear()
+        self._last_sampled.clear()
         self.runner.reset()
         if self.stages is not None:
             self.stages.form(pipeline_id)
@@ -174,9 +177,32 @@ class Executor:
     def step(self, seqs: Sequence[SeqChunk]) -> StepOutput:
         if not seqs:
             return StepOutput(tokens=[], forward_s=0.0)
+        seqs = self._fill_last_samples(seqs)
         self._claim(seqs)
         self._take_sampling(seqs)
-        return self._stage_step(seqs, self.stages)
+        output = self._stage_step(seqs, self.stages)
+        self._last_sampled = dict(output.tokens)
+        return output
+
+    def _fill_last_samples(self, seqs: Sequence[SeqChunk]) -> list[SeqChunk]:
+        """Async decoding: a chunk `from_last_sample` runs the token this worker sampled for
+        its job in the previous step."""
+        filled = []
+        for seq in seqs:
+            if seq.from_last_sample:
+                if self.stages is not None:
+                    raise CommandError(
+                        f"seqs[{seq.job_id}].from_last_sample: only with one pipeline stage"
+                    )
+                token = self._last_sampled.get(seq.job_id)
+                if token is None:
+                    raise CommandError(
+                        f"seqs[{seq.job_id}].from_last_sample: the previous step sampled no "
+                        "token for this job"
+                    )
+                seq = replace(seq, token_ids=[token], from_last_sample=False)
+            filled.append(seq)
+        return filled
 
     def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup | None) -> StepOutput:
         """This stage's share of a step (the whole model when `stages` is None): embed or

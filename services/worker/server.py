@@ -37,6 +37,7 @@ def chunk_from_pb(seq: wpb.SeqInput) -> SeqChunk:
         block_ids=list(seq.block_ids),
         sample=seq.sample,
         sampling=sampling,
+        from_last_sample=seq.from_last_sample,
     )
 
 

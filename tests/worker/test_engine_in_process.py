@@ -25,7 +25,8 @@ from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
 from services.worker.stage_layout import split_layers
-from testing.local_pipeline import LocalPipeline
+from testing import local_pipeline as local_pipeline_module
+from testing.local_pipeline import LocalPipeline, worker_command
 from tests.oracle import assert_greedy_matches, hf_greedy
 
 
@@ -48,13 +49,25 @@ def local_pipeline(model, layer_split: list[int], num_blocks: int) -> LocalPipel
     return LocalPipeline(executors)
 
 
-@pytest.mark.parametrize("layer_split", [[4], [2, 2]])
-def test_the_engine_runs_jobs_on_in_process_stages(tiny_hf_model, layer_split):
+@pytest.mark.parametrize(
+    ("layer_split", "async_decode"), [([4], False), ([4], True), ([2, 2], False)]
+)
+def test_the_engine_runs_jobs_on_in_process_stages(
+    tiny_hf_model, layer_split, async_decode, monkeypatch
+):
     num_blocks, max_tokens = 12, 12
     config = SchedulerConfig(
         num_blocks=num_blocks, block_size=16, max_model_len=512, max_batch_size=3,
-        max_batched_tokens=64,
+        max_batched_tokens=64, async_decode=async_decode,
     )  # fmt: skip
+    num_ahead = 0  # chunks that ran the token the worker had just sampled
+
+    def counting(decision):
+        nonlocal num_ahead
+        num_ahead += sum(chunk.from_last_sample for chunk in decision.chunks)
+        return worker_command(decision)
+
+    monkeypatch.setattr(local_pipeline_module, "worker_command", counting)
     policy = make_policy("fcfs", max_model_len=512, max_batch_size=3)
     engine = Engine(
         SchedulerCore(config, policy), local_pipeline(tiny_hf_model, layer_split, num_blocks)
@@ -89,6 +102,7 @@ def test_the_engine_runs_jobs_on_in_process_stages(tiny_hf_model, layer_split):
         assert_greedy_matches(tiny_hf_model, job.prompt_token_ids, tokens[job.job_id], ref)
         assert num_logprobs[job.job_id] == (max_tokens if job.sampling.logprobs else 0)
     assert [stage.num_commands > 0 for stage in engine.stats.stages] == [True] * len(layer_split)
+    assert (num_ahead > 0) is async_decode
 
 
 def drain_until(outbox, done, timeout_s: float = 60.0) -> list:

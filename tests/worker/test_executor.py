@@ -137,3 +137,30 @@ def test_jobs_share_full_blocks_read_only_and_never_write_one_another_holds(tiny
     assert not shared.run(Command(swap_out=[BlockMove("b", [3])])).error  # its own block
     freed = shared.run(Command(action=Free(["a"])))
     assert not freed.error and freed.num_used_blocks == 0
+
+
+def test_a_chunk_from_the_last_sample_runs_the_token_the_worker_sampled(executor, tiny_hf_model):
+    """Async decoding: the same steps give the same tokens whether the scheduler sends the
+    sampled token or asks the worker to run the one it sampled; the flag survives the wire."""
+    greedy = SamplingParams()
+    first = executor.run(step("a", greedy))
+    ((job_id, token),) = first.tokens
+    assert job_id == "a"
+    ahead = SeqChunk("a", [0], 3, [0], True, None, from_last_sample=True)
+    (wire,) = command_from_pb(
+        decision_to_command(
+            Decision(1, [ScheduledChunk("a", [0], 3, [0], True, None, True)], []), 1
+        )
+    ).action.seqs
+    assert wire == ahead
+    by_worker = executor.run(Command(action=Step([ahead])))
+    reference = Executor(ModelRunner(tiny_hf_model, num_blocks=8, block_size=16), NoStore())
+    reference.run(step("a", greedy))
+    told = reference.run(Command(action=Step([SeqChunk("a", [token], 3, [0], True, None)])))
+    assert not by_worker.error and by_worker.tokens == told.tokens
+    # Nothing sampled for the job in the previous step: refused, naming the field.
+    assert executor.run(Command(action=Free(["a"]))).error == ""
+    assert executor.run(step("b", greedy)).error == ""
+    orphan = SeqChunk("a", [0], 3, [0], True, greedy, from_last_sample=True)
+    refused = executor.run(Command(action=Step([orphan])))
+    assert refused.error.startswith("seqs[a].from_last_sample: ")

@@ -33,6 +33,10 @@ class SchedulerConfig:
     # Host tier: cached blocks evicted from the device kept in the kvstore (this many at most;
     # 0: off; needs swap_enabled) and read back for jobs whose prefix is there.
     host_cache_blocks: int = 0
+    # Async decoding (one pipeline stage): a decoding job's next step is scheduled while its
+    # current step runs; the worker feeds it the token it has just sampled (its chunk says
+    # `from_last_sample`), so the next step starts without waiting for the scheduler.
+    async_decode: bool = False
 
     def __post_init__(self) -> None:
         sizes = {

@@ -21,6 +21,9 @@ class ScheduledChunk:
     # How to sample: sent with a job's first chunk after the workers last forgot the job (it
     # started, was recomputed, or the workers were reset); None when they hold it already.
     sampling: SamplingParams | None
+    # Async decoding: the job's token at start_pos is the one the worker samples for it in the
+    # step before (not known when this was scheduled); token_ids holds a placeholder.
+    from_last_sample: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,9 @@ class Plan:
     # Jobs with nothing computed wait for free blocks rather than drop others' KV; cleared
     # when that leaves nothing to run (see KvMemory.make_room).
     protect_progress: bool = True
+    # Async decoding: jobs whose token at this position is being sampled in the decision in
+    # flight; each may run that token in this plan (job id -> its position).
+    pending: dict[str, int] = field(default_factory=dict)
     _ranks: dict[str, int] | None = None
     _enst: dict[str, float] | None = None
 

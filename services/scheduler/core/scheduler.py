@@ -85,6 +85,7 @@ class SchedulerCore:
         self._in_flight: dict[int, _InFlight] = {}
         self._window = IterationWindow()
         self._num_classes = 1  # priority classes seen so far (1 + the largest number)
+        self._last_update_at = float("-inf")
 
     # -- admission -------------------------------------------------------------------------
 
@@ -179,6 +180,8 @@ class SchedulerCore:
         )
         busy = self.busy_job_ids()
         plan.scheduled |= busy  # never evicted while a stage may still touch their KV
+        if self.config.async_decode:
+            plan.pending = self._pending_decodes()
         memory = self.memory
         self._form_batch(plan)
         if plan.blocked and not (plan.chunks or busy or plan.swap_in or memory.swaps_in_flight):
@@ -203,7 +206,7 @@ class SchedulerCore:
             swap_out=plan.swap_out,
             swap_in=plan.swap_in,
         )
-        self._running_ids = [*busy, *scheduled_ids]
+        self._running_ids = list(dict.fromkeys([*busy, *scheduled_ids]))
         if not decision.is_empty:
             self._in_flight[decision.iteration_id] = _InFlight(decision, now)
         return decision
@@ -222,7 +225,11 @@ class SchedulerCore:
         now = self._clock()
         self.apply_swaps(swaps_done)
         entry = self._in_flight.pop(decision.iteration_id, None)
-        elapsed = now - entry.scheduled_at if entry is not None else 0.0
+        # The time this iteration held the workers: from when it was scheduled, or from the
+        # previous iteration's results if later (with several decisions in flight, pipeline
+        # stages or async decoding, it queued behind that one until then).
+        elapsed = now - max(entry.scheduled_at, self._last_update_at) if entry is not None else 0.0
+        self._last_update_at = now
         ran = [
             (job, len(chunk.token_ids))
             for chunk in decision.chunks
@@ -320,6 +327,52 @@ class SchedulerCore:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _pending_decodes(self) -> dict[str, int]:
+        """Async decoding: jobs whose next token the newest decision in flight samples, that
+        will need another one after it, and that are in no other decision in flight (job id
+        -> the position of that token)."""
+        if not self._in_flight:
+            return {}
+        count: dict[str, int] = {}
+        for entry in self._in_flight.values():
+            for chunk in entry.decision.chunks:
+                count[chunk.job_id] = count.get(chunk.job_id, 0) + 1
+        newest = next(reversed(self._in_flight.values())).decision
+        pending = {}
+        for chunk in newest.chunks:
+            job = self._jobs.get(chunk.job_id)
+            position = chunk.start_pos + len(chunk.token_ids)  # of the token being sampled
+            if (
+                job is not None
+                and chunk.sample
+                and count[chunk.job_id] == 1
+                and job.num_computed_tokens == chunk.start_pos
+                and job.num_output_tokens + 1 < job.max_tokens
+                and position + 1 < self.config.max_model_len
+            ):
+                pending[job.job_id] = position
+        return pending
+
+    def _add_pending(self, job: Job, plan: Plan) -> None:
+        """Async decoding: `job` runs the token the decision in flight samples for it."""
+        position = plan.pending.pop(job.job_id)
+        num_blocks = num_blocks_for(position + 1, self.config.block_size) - len(job.block_ids)
+        if num_blocks > 0 and not self._make_room(job, num_blocks, [], plan):
+            return  # it runs once its token is back, as any job
+        self.blocks.allocate_blocks(job, max(num_blocks, 0))
+        plan.chunks.append(
+            ScheduledChunk(
+                job_id=job.job_id,
+                token_ids=[0],  # a placeholder: the worker runs the token it sampled
+                start_pos=position,
+                block_ids=list(job.block_ids),
+                sample=True,
+                sampling=None,
+                from_last_sample=True,
+            )
+        )
+        plan.budget -= 1
+
     def _form_batch(self, plan: Plan) -> None:
         """Walks the policy's order, adding chunks to `plan` while they fit."""
         memory = self.memory
@@ -327,6 +380,8 @@ class SchedulerCore:
             if len(plan.chunks) == self.config.max_batch_size or plan.budget == 0:
                 break
             if job.job_id in plan.scheduled:
+                if job.job_id in plan.pending:
+                    self._add_pending(job, plan)
                 continue  # in this batch already, or its earlier token is still in flight
             if not job.kv_state.is_runnable:
                 if job.kv_state is KvState.HOST and self.config.swaps:

@@ -47,7 +47,7 @@ class SchedulerStats:
     num_jobs_per_level: tuple[int, ...] = ()
     # (priority class, waiting jobs, running jobs) for every class up to the largest seen.
     num_jobs_per_class: tuple[tuple[int, int, int], ...] = ()
-    mean_iteration_s: float = 0.0  # schedule to update, over the last WINDOW batches
+    mean_iteration_s: float = 0.0  # time an iteration holds the workers, last WINDOW batches
     mean_batch_jobs: float = 0.0  # over the last WINDOW batches
     mean_batch_tokens: float = 0.0
 
