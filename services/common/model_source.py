@@ -22,6 +22,7 @@ without importing torch or a model class (7 s less for each start on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -268,19 +269,26 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
 ) -> PreTrainedModel:
-    """Loads the causal LM in eval mode on `device`; random weights when load_format="dummy"."""
+    """Loads the causal LM in eval mode on `device`; random weights when load_format="dummy".
+
+    Off the CPU the weights go straight to the device: dummy ones are drawn there (the model is
+    built under the device, so transformers' init runs on it: no draw on one CPU thread and no
+    copy), real ones are read onto it (device_map). On the CPU nothing changes."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     source = local_folder(source, weights=load_format != "dummy")
+    on_device = torch.device(device).type != "cpu"
     if load_format == "dummy":
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype)
+        torch.manual_seed(seed)  # seeds the CPU and every accelerator's default generator
+        with torch.device(device) if on_device else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(load_config(source), dtype=dtype)
     else:
+        placement = {"device_map": str(device)} if on_device else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source.directory, dtype=dtype, **source.hf_kwargs()
+            source.directory, dtype=dtype, **placement, **source.hf_kwargs()
         )
     return model.to(device).eval()
 

@@ -1,4 +1,4 @@
-"""Turns one row of logits per job into one token per job.
+"""Turns one row of logits per job into one token per job, for the whole batch at once.
 
 Greedy rows take the argmax. Other rows are divided by their temperature, cut to the top-k, cut
 to the nucleus (top-p: the smallest prefix of the sorted distribution whose probability reaches
@@ -10,23 +10,161 @@ row's noise depends only on (seed, position), and a tiny change of the logits (a
 composition sums in another order) changes the pick only if two tokens nearly tie for the
 maximum. Inverse-CDF over a flat 50k-token distribution flips tokens on 1e-6 perturbations,
 which would break "re-batching or recomputation samples the same token".
+
+The step runs on the logits' device with no Python per row: the rows' settings are packed into
+one int64 buffer on the host (`SamplingBatch`, one host-to-device copy), every row goes through
+the same tensor ops (greedy rows take their argmax in the same pass), and the sampled ids come
+back with one device-to-host copy.
+
+The noise is counter-based: token i of a row keyed k gets the uniform made from the 64-bit
+splitmix64 hash of (k, i), and E_i = -log(U_i). A seeded row's key is `row_seed(seed, position)`,
+so its uniforms are the same bits whatever the rest of the batch, its place in it or the device
+(the hash is plain int64 arithmetic, which wraps the same on CPU and CUDA; `noise_bits` is
+checked against a pure-Python reference). Unseeded rows take keys from torch's default (CPU)
+generator, one per row per step, so `torch.manual_seed` makes them repeatable too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.common.sampling import SamplingParams, TokenLogprobs
 
 _MASK_64 = (1 << 64) - 1
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # odd constant, spreads seeds apart before adding the position
+_MIX_1 = 0xBF58476D1CE4E5B9  # splitmix64's finaliser multipliers
+_MIX_2 = 0x94D049BB133111EB
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_TWO_TO_MINUS_53 = 2.0**-53
+# Rows of SamplingBatch.packed, int64 [fields, B]; float fields travel as their float64 bits.
+# Column j describes batch row packed[_ROW, j]: rows that filter first, then the other random
+# rows, then the greedy ones, so each stage of the step works on a prefix.
+_ROW, _TOP_K, _KEY, _TEMPERATURE, _TOP_P = range(5)
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch stores it."""
+    value &= _MASK_64
+    return value - (1 << 64) if value > _INT64_MAX else value
 
 
 def row_seed(seed: int, position: int) -> int:
-    """The generator seed for the token at `position` of a job sampled with `seed`."""
+    """The noise key of the token at `position` of a job sampled with `seed` (uint64)."""
     return (seed * _GOLDEN_64 + position) & _MASK_64
+
+
+def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: mask off the copied sign)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (multiplication wraps modulo 2**64 on every device)."""
+    z = (z ^ _srl(z, 30)) * _signed(_MIX_1)
+    z = (z ^ _srl(z, 27)) * _signed(_MIX_2)
+    return z ^ _srl(z, 31)
+
+
+def _xorshift_(z: torch.Tensor, scratch: torch.Tensor, shift: int) -> None:
+    """z ^= z >>> shift, in place (the [rows, vocab] tensors are large: no temporaries)."""
+    torch.bitwise_right_shift(z, shift, out=scratch)
+    scratch &= (1 << (64 - shift)) - 1
+    z ^= scratch
+
+
+def noise_bits(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int64 [rows, vocab]: hash of (key of the row, token index): mix(mix(key) + (i + 1) * G),
+    i.e. token i's output of a splitmix64 stream started at mix(key)."""
+    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device)
+    z = _mix(keys)[:, None] + counters[None, :] * _signed(_GOLDEN_64)
+    scratch = torch.empty_like(z)
+    _xorshift_(z, scratch, 30)
+    z *= _signed(_MIX_1)
+    _xorshift_(z, scratch, 27)
+    z *= _signed(_MIX_2)
+    _xorshift_(z, scratch, 31)
+    return z
+
+
+def exponentials(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise float32 [rows, vocab] from each row's key: U = (top 53 bits + 1) / 2**53 in
+    (0, 1], E = -log(U), computed in float64 so no bin near 0 biases the race."""
+    bits = noise_bits(keys, vocab_size)
+    bits >>= 11
+    bits &= (1 << 53) - 1
+    bits += 1
+    uniform = bits.double()
+    uniform *= _TWO_TO_MINUS_53
+    return uniform.log_().neg_().float()
+
+
+def reference_noise_bits(key: int, index: int) -> int:
+    """`noise_bits` of one (key, token index) in Python integers: the device-free definition."""
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * _MIX_1) & _MASK_64
+        z = ((z ^ (z >> 27)) * _MIX_2) & _MASK_64
+        return z ^ (z >> 31)
+
+    return mix((mix(key & _MASK_64) + (index + 1) * _GOLDEN_64) & _MASK_64)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingBatch:
+    """A step's per-row settings as device tensors, built once per step with one copy."""
+
+    packed: torch.Tensor  # int64 [5, B], fields _ROW .. _TOP_P, columns in the order above
+    num_random: int  # rows that are not greedy: the first num_random columns
+    num_filter: int  # random rows with top-k or top-p: the first num_filter columns
+    max_top_k: int  # largest top-k of the filtering rows (the vocabulary size if one has none)
+
+    @staticmethod
+    def build(
+        params: Sequence[SamplingParams],
+        positions: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        filtering = [
+            i for i, p in enumerate(params) if not p.is_greedy and (p.top_k or p.top_p < 1)
+        ]
+        plain = [
+            i for i, p in enumerate(params) if not p.is_greedy and not p.top_k and p.top_p == 1
+        ]
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        order = filtering + plain + greedy
+        random = [params[i] for i in order[: len(filtering) + len(plain)]]
+        host = np.zeros((5, len(params)), dtype=np.int64)
+        host[_ROW] = order
+        top_k = [min(p.top_k or vocab_size, vocab_size) for p in random]
+        host[_TOP_K, : len(random)] = top_k
+        host[_TEMPERATURE, : len(random)] = np.array(
+            [p.temperature for p in random], dtype=np.float64
+        ).view(np.int64)
+        host[_TOP_P, : len(random)] = np.array([p.top_p for p in random], dtype=np.float64).view(
+            np.int64
+        )
+        # Seeded rows are keyed by (seed, position) only; unseeded ones take fresh keys from
+        # torch's default generator (torch.manual_seed repeats them); greedy rows need none.
+        seeded = [j for j, p in enumerate(random) if p.seed is not None]
+        if seeded:
+            host[_KEY, seeded] = [
+                _signed(row_seed(random[j].seed or 0, positions[order[j]])) for j in seeded
+            ]
+        if len(seeded) < len(random):
+            unseeded = [j for j, p in enumerate(random) if p.seed is None]
+            fresh = torch.randint(_INT64_MIN, _INT64_MAX, (len(unseeded),), dtype=torch.int64)
+            host[_KEY, unseeded] = fresh.numpy()
+        return SamplingBatch(
+            packed=torch.from_numpy(host).to(device, non_blocking=True),
+            num_random=len(random),
+            num_filter=len(filtering),
+            max_top_k=max(top_k[: len(filtering)], default=vocab_size),
+        )
 
 
 def sample(
@@ -35,54 +173,57 @@ def sample(
     """One token per row of `logits` [B, V].
 
     `positions[i]` is the position the sampled token will take in its job (prompt + output so
-    far), which keys the generator of seeded rows.
+    far), which keys the noise of seeded rows. One device-to-host copy: the sampled ids.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(positions):
         raise ValueError(
             f"need logits [B, V] with B = len(params) = len(positions); got "
             f"{tuple(logits.shape)}, {len(params)}, {len(positions)}"
         )
-    tokens = [0] * len(params)
-    greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
-    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-    if greedy_rows:
-        chosen = logits[greedy_rows].argmax(dim=-1).tolist()
-        for row, token in zip(greedy_rows, chosen, strict=True):
-            tokens[row] = token
-    if random_rows:
-        chosen = _sample_random(
-            logits[random_rows].float(),
-            [params[i] for i in random_rows],
-            [positions[i] for i in random_rows],
-        )
-        for row, token in zip(random_rows, chosen, strict=True):
-            tokens[row] = token
+    if not params:
+        return []
+    batch = SamplingBatch.build(params, positions, logits.shape[1], logits.device)
+    tokens: list[int] = sample_on_device(logits, batch).tolist()
     return tokens
 
 
-def _sample_random(
-    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
-) -> list[int]:
-    device = logits.device
-    vocab_size = logits.shape[1]
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)
-    if any(p.top_k or p.top_p < 1 for p in params):
-        probs = probs * _keep_mask(probs, params)
+def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The sampled ids as an int64 tensor [B] on the logits' device (no host copy). Every
+    row's argmax, then the race over the random rows (the filters over those that filter),
+    written over their argmax: the same ops whatever the batch's size and mix."""
+    picks = logits.argmax(dim=-1)
+    num_random, num_filter = batch.num_random, batch.num_filter
+    if not num_random:
+        return picks
+    packed = batch.packed[:, :num_random]
+    rows = packed[_ROW]
+    temperature = packed[_TEMPERATURE].view(torch.float64).float()
+    probs = torch.softmax(logits[rows].float() / temperature[:, None], dim=-1)
+    if num_filter:
+        probs[:num_filter] *= _keep_mask(
+            probs[:num_filter],
+            packed[_TOP_K, :num_filter],
+            packed[_TOP_P, :num_filter].view(torch.float64).float(),
+            batch.max_top_k,
+        )
     # Clamp so a zero draw cannot turn a dropped token's 0 / 0 into NaN (argmax favours NaN).
-    scores = probs / _exponentials(params, positions, vocab_size, device).clamp_min(1e-20)
-    return scores.argmax(dim=-1).tolist()
+    noise = exponentials(packed[_KEY], logits.shape[1]).clamp_min_(1e-20)
+    return picks.index_put_((rows,), (probs / noise).argmax(dim=-1))
 
 
-def _keep_mask(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Which tokens survive top-k then top-p, as a bool mask in vocabulary order."""
-    device = probs.device
+def _keep_mask(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_top_k: int
+) -> torch.Tensor:
+    """Which tokens survive top-k then top-p, as a bool mask in vocabulary order. `top_k` [B]
+    counts tokens (the vocabulary size where disabled), at most `max_top_k`; `top_p` [B] in
+    (0, 1]. Only the `max_top_k` most likely tokens are sorted (all of them for top-p alone)."""
     vocab_size = probs.shape[1]
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    # top_k = 0 (disabled) keeps the whole vocabulary.
-    top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
-    in_top_k = torch.arange(vocab_size, device=device)[None, :] < top_k[:, None]
+    if max_top_k < vocab_size:
+        sorted_probs, sorted_ids = torch.topk(probs, max_top_k, dim=-1)
+    else:
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+    ranks = torch.arange(sorted_probs.shape[1], device=probs.device)
+    in_top_k = ranks[None, :] < top_k[:, None]
     # Nucleus over the top-k survivors, renormalised (as HF and vLLM apply them in turn).
     sorted_probs = sorted_probs * in_top_k
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
@@ -91,47 +232,36 @@ def _keep_mask(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     # the mass before a dropped token just under 1.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     keep_sorted = in_top_k & (mass_before < top_p[:, None])
-    return torch.zeros_like(keep_sorted).scatter_(1, sorted_ids, keep_sorted)
-
-
-def _exponentials(
-    params: Sequence[SamplingParams],
-    positions: Sequence[int],
-    vocab_size: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Exp(1) noise [rows, vocab]: seeded rows from their own generator, the rest from torch's
-    global one. NOTE: a seeded stream is reproducible per device type, not across cpu/cuda."""
-    noise = torch.empty((len(params), vocab_size), device=device).exponential_()
-    generator = torch.Generator(device=device)
-    for row, (param, position) in enumerate(zip(params, positions, strict=True)):
-        if param.seed is not None:
-            generator.manual_seed(row_seed(param.seed, position))
-            noise[row].exponential_(generator=generator)
-    return noise
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    return keep.scatter_(1, sorted_ids, keep_sorted)
 
 
 def logprobs(
     logits: torch.Tensor, tokens: Sequence[int], params: Sequence[SamplingParams]
 ) -> list[TokenLogprobs | None]:
     """For the rows that asked: the log-probability of the sampled token and the top
-    alternatives, from the model's raw distribution (what OpenAI and vLLM report)."""
+    alternatives, from the model's raw distribution (what OpenAI and vLLM report). Nothing runs
+    when no row asked; otherwise one device-to-host copy for all of them."""
     rows = [i for i, p in enumerate(params) if p.logprobs]
     result: list[TokenLogprobs | None] = [None] * len(params)
     if not rows:
         return result
-    logp = torch.log_softmax(logits[rows].float(), dim=-1)
-    chosen_ids = torch.tensor([tokens[i] for i in rows], device=logp.device)
-    chosen = logp.gather(1, chosen_ids[:, None]).squeeze(1).tolist()
+    device = logits.device
+    # One host-to-device copy: the rows that asked, then their sampled ids.
+    index = torch.tensor(rows + [tokens[i] for i in rows], device=device)
+    logp = torch.log_softmax(logits[index[: len(rows)]].float(), dim=-1)
+    columns = [logp.gather(1, index[len(rows) :, None]).double()]
     num_top = max(params[i].top_logprobs for i in rows)
-    top_values: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
     if num_top:
         values, ids = logp.topk(num_top, dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
+        columns += [values.double(), ids.double()]  # ids < 2**53: exact in float64
+    host = torch.cat(columns, dim=1).tolist()
     for j, row in enumerate(rows):
         n = params[row].top_logprobs
+        values_j = host[j][1 : 1 + num_top]
+        ids_j = host[j][1 + num_top :]
         result[row] = TokenLogprobs(
-            chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+            host[j][0],
+            tuple((int(t), v) for t, v in zip(ids_j[:n], values_j[:n], strict=True)),
         )
     return result

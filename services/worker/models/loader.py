@@ -2,16 +2,19 @@
 transformers loaded (a GGUF the cache could not hold, or a test's model), or random (dummy).
 
 Checkpoint names are Hugging Face's; separate q/k/v and gate/up tensors are written into their
-slices of the fused parameters. Only this stage's tensors are read (a safetensors file is
-memory-mapped, so the others are never touched), and every parameter must be written exactly
-once: a missing or unexpected tensor is an error, not silent random weights.
+slices of the fused parameters. Only this stage's tensors are read, straight onto the target
+device (a safetensors file is memory-mapped, so the others are never touched), and every
+parameter must be written exactly once: a missing or unexpected tensor is an error, not silent
+random weights. The model is allocated without torch's own init (`empty_model`), which would
+write every weight once more on one CPU thread before they are loaded or drawn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,7 @@ from services.common.model_source import (
     load_model,
     local_folder,
 )
+from services.worker.models.layers import RotaryTable
 from services.worker.models.llama import LlamaForServing, head_dim, num_kv_heads
 
 if TYPE_CHECKING:
@@ -116,8 +120,14 @@ def _targets(
     return [(f"{prefix}{rest}", None)]
 
 
-def safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a Hugging Face folder's safetensors files, one at a time."""
+def safetensors_weights(
+    directory: Path,
+    device: torch.device | str = "cpu",
+    wanted: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a Hugging Face folder's safetensors files that `wanted` accepts (default:
+    all), one at a time, read straight onto `device` (safetensors moves each tensor as it reads
+    it: no full copy of the checkpoint on the host, and other stages' tensors are never read)."""
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -128,15 +138,53 @@ def safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not files:
         raise ValueError(f"{directory} holds no safetensors weights")
     for file in files:
-        with safe_open(str(directory / file), framework="pt", device="cpu") as handle:
+        with safe_open(str(directory / file), framework="pt", device=str(device)) as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is no dict)
-                yield name, handle.get_tensor(name)
+                if wanted is None or wanted(name):
+                    yield name, handle.get_tensor(name)
+
+
+def _needed_by(model: LlamaForServing) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor goes into `model` (a name that is no Llama weight is
+    passed on, for load_weights to refuse)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
+    def needed(name: str) -> bool:
+        try:
+            return bool(_targets(model, name, tied))
+        except ValueError:
+            return True
+
+    return needed
+
+
+def empty_model(
+    config: PretrainedConfig,
+    *,
+    layers: range | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LlamaForServing:
+    """A LlamaForServing whose parameters are allocated on `device` but not initialised: built on
+    the meta device, so nn.Linear's and nn.Embedding's own random init (a full write of every
+    weight, on one CPU thread) never runs before the weights are loaded or drawn anyway. The
+    caller must write every parameter (load_weights checks; random_weights writes all)."""
+    model = LlamaForServing(config, layers=layers, dtype=dtype, device="meta")
+    model.to_empty(device=device)
+    if _is_tied_config(config) and model.lm_head is not None and model.embed_tokens is not None:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty gives each its own tensor
+    model.rotary = RotaryTable(config, dtype=dtype, device=torch.device(device))
+    return model
+
+
+def _is_tied_config(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def from_hf(hf_model: PreTrainedModel, layers: range | None = None) -> LlamaForServing:
     """A serving model holding `layers` of a model transformers loaded, same dtype and device."""
     param = next(hf_model.parameters())
-    model = LlamaForServing(hf_model.config, layers=layers, dtype=param.dtype, device=param.device)
+    model = empty_model(hf_model.config, layers=layers, dtype=param.dtype, device=param.device)
     with torch.no_grad():
         load_weights(model, hf_model.state_dict().items())
     return model.eval()
@@ -144,11 +192,15 @@ def from_hf(hf_model: PreTrainedModel, layers: range | None = None) -> LlamaForS
 
 def random_weights(model: LlamaForServing, seed: int = 0) -> None:
     """Dummy weights as transformers initialises a new model: normal(0, initializer_range) for
-    matrices and embeddings, ones for norms, zeros for biases; drawn on the weights' own device
-    (a GPU fills an 8B model in a second), so they depend on the device type as well as the
-    seed."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    matrices and embeddings, ones for norms, zeros for biases. Drawn on the weights' own device
+    in their own dtype (a GPU fills an 8B model in a second), so they depend on the device type
+    as well as the seed. Each parameter has its own generator, seeded from (seed, its name in
+    the whole model), so a pipeline stage draws the same weights for its layers as a worker
+    holding the whole model, and the last stage of a tied model draws the embedding as its
+    head."""
+    device = model.device
     std = getattr(model.config, "initializer_range", 0.02)
+    generator = torch.Generator(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -156,7 +208,23 @@ def random_weights(model: LlamaForServing, seed: int = 0) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
+                generator.manual_seed(_parameter_seed(seed, _global_name(model, name)))
                 param.normal_(0.0, std, generator=generator)
+
+
+def _global_name(model: LlamaForServing, name: str) -> str:
+    """A stage's parameter name as the whole model names it."""
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"layers.{int(index) + model.layer_range.start}.{rest}"
+    if name == "lm_head.weight" and _is_tied_config(model.config):
+        return "embed_tokens.weight"
+    return name
+
+
+def _parameter_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1 on CUDA
 
 
 def build_model(
@@ -170,12 +238,12 @@ def build_model(
 ) -> LlamaForServing:
     """The stage's model from a folder's safetensors, or random weights when `directory` is
     None."""
-    model = LlamaForServing(config, layers=layers, dtype=dtype, device=device)
+    model = empty_model(config, layers=layers, dtype=dtype, device=device)
     with torch.no_grad():
         if directory is None:
             random_weights(model, seed)
         else:
-            load_weights(model, safetensors_weights(directory))
+            load_weights(model, safetensors_weights(directory, device, _needed_by(model)))
     return model.eval()
 
 
