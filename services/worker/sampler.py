@@ -211,28 +211,72 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     return picks.index_put_((rows,), (probs / noise).argmax(dim=-1))
 
 
+# On CPU, top-p without top-k first looks for the nucleus among this many most likely tokens:
+# a row whose nucleus ends there (most rows: LLM distributions are peaked) needs no full sort of
+# the vocabulary; the others are sorted whole. Either way, the same tokens are kept.
+NUCLEUS_PROBE = 1024
+
+
 def _keep_mask(
     probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_top_k: int
 ) -> torch.Tensor:
     """Which tokens survive top-k then top-p, as a bool mask in vocabulary order. `top_k` [B]
     counts tokens (the vocabulary size where disabled), at most `max_top_k`; `top_p` [B] in
-    (0, 1]. Only the `max_top_k` most likely tokens are sorted (all of them for top-p alone)."""
+    (0, 1]. Only the `max_top_k` most likely tokens are sorted; for top-p alone, the
+    NUCLEUS_PROBE most likely, and the whole vocabulary only for rows whose nucleus is wider."""
     vocab_size = probs.shape[1]
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
     if max_top_k < vocab_size:
-        sorted_probs, sorted_ids = torch.topk(probs, max_top_k, dim=-1)
-    else:
-        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
-    ranks = torch.arange(sorted_probs.shape[1], device=probs.device)
+        return _keep_sorted(keep, *torch.topk(probs, max_top_k, dim=-1), top_k, top_p)
+    probe = min(NUCLEUS_PROBE, vocab_size)
+    # On a GPU the whole sort is cheap and choosing rows would cost a host round trip.
+    total = probs.sum(-1)
+    if probe == vocab_size or probs.device.type != "cpu":
+        return _keep_sorted(keep, *torch.sort(probs, dim=-1, descending=True), top_k, top_p, total)
+    head_probs, head_ids = torch.topk(probs, probe, dim=-1)
+    # The nucleus ends within the head when the row's top-k does (a top-k of at most `probe`:
+    # its renormalising mass is in the head too) or, top-k off, when the head's mass reaches
+    # top_p: every token past it has at least that much mass before it.
+    top_k_off = top_k >= vocab_size
+    fits = (top_k <= probe) | (top_k_off & (head_probs.sum(-1) >= top_p * total))
+    if bool(fits.all()):
+        return _keep_sorted(keep, head_probs, head_ids, top_k, top_p, total)
+    rest = ~fits
+    keep[fits] = _keep_sorted(
+        keep[fits], head_probs[fits], head_ids[fits], top_k[fits], top_p[fits], total[fits],
+    )  # fmt: skip
+    keep[rest] = _keep_sorted(
+        keep[rest], *torch.sort(probs[rest], dim=-1, descending=True), top_k[rest], top_p[rest],
+        total[rest],
+    )  # fmt: skip
+    return keep
+
+
+def _keep_sorted(
+    keep: torch.Tensor,
+    sorted_probs: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`keep` (all False) with the survivors set, from each row's most likely tokens in order
+    (`sorted_probs`, `sorted_ids`: a prefix of the sorted vocabulary that holds the nucleus).
+    `total` [B]: the whole row's mass, which renormalises rows whose top-k is off (None: their
+    sum over the sorted values, which then hold every token)."""
+    ranks = torch.arange(sorted_probs.shape[1], device=sorted_probs.device)
     in_top_k = ranks[None, :] < top_k[:, None]
     # Nucleus over the top-k survivors, renormalised (as HF and vLLM apply them in turn).
     sorted_probs = sorted_probs * in_top_k
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    mass = sorted_probs.sum(dim=-1, keepdim=True)
+    if total is not None:
+        mass = torch.where(top_k[:, None] >= keep.shape[1], total[:, None], mass)
+    sorted_probs = sorted_probs / mass
     # Keep a token while the mass before it is short of top_p. The top token always stays:
-    # the mass before it is 0 and top_p > 0. in_top_k guards top_p = 1, where rounding can leave
-    # the mass before a dropped token just under 1.
+    # the mass before it is 0 and top_p > 0. top_p = 1 keeps every top-k survivor, whatever
+    # the rounding of the running sum near 1.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    keep_sorted = in_top_k & (mass_before < top_p[:, None])
-    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    keep_sorted = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
     return keep.scatter_(1, sorted_ids, keep_sorted)
 
 

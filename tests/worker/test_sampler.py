@@ -295,3 +295,26 @@ def test_the_step_has_no_python_per_row(monkeypatch):
         counts.append((step_ops, counter.ops))
         monkeypatch.undo()
     assert counts[0] == counts[1]
+
+
+def test_top_p_keeps_the_same_tokens_whether_or_not_the_nucleus_fits_the_probe(monkeypatch):
+    """On CPU, top-p alone looks for the nucleus among the NUCLEUS_PROBE most likely tokens
+    and sorts the whole vocabulary only for rows whose nucleus is wider: the masks must be
+    those of a whole sort, for peaked rows, flat rows and rows with a top-k, in one batch."""
+    from services.worker import sampler
+
+    vocab = 3000
+    generator = torch.Generator().manual_seed(7)
+    peaked = torch.randn(8, vocab, generator=generator) * 6  # nucleus within a few tokens
+    flat = torch.randn(8, vocab, generator=generator) * 0.1  # nucleus of thousands
+    probs = torch.softmax(torch.cat([peaked, flat]), dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 1.0] * 4)
+    top_k = torch.tensor([vocab] * 12 + [40, vocab, 600, vocab])
+    monkeypatch.setattr(sampler, "NUCLEUS_PROBE", 256)
+    fast = sampler._keep_mask(probs, top_k, top_p, vocab)
+    head = torch.topk(probs, 256, dim=-1).values.sum(-1)
+    assert (head[:8] >= 0.9).any() and (head[8:] < 0.5).all()  # both paths were taken
+    monkeypatch.setattr(sampler, "NUCLEUS_PROBE", vocab)  # the whole sort for every row
+    whole = sampler._keep_mask(probs, top_k, top_p, vocab)
+    assert torch.equal(fast, whole)
+    assert (fast.sum(-1)[8:12] > 256).all()  # flat rows kept more than the probe holds
