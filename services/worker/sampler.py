@@ -79,8 +79,12 @@ def _xorshift_(z: torch.Tensor, scratch: torch.Tensor, shift: int) -> None:
 def noise_bits(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int64 [rows, vocab]: hash of (key of the row, token index): mix(mix(key) + (i + 1) * G),
     i.e. token i's output of a splitmix64 stream started at mix(key)."""
-    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device)
-    z = _mix(keys)[:, None] + counters[None, :] * _signed(_GOLDEN_64)
+    return _noise_bits(keys, torch.arange(vocab_size, dtype=torch.int64, device=keys.device))
+
+
+def _noise_bits(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """noise_bits at `token_ids`: [vocab] for every row, or [rows, k] per row."""
+    z = _mix(keys)[:, None] + (token_ids + 1) * _signed(_GOLDEN_64)
     scratch = torch.empty_like(z)
     _xorshift_(z, scratch, 30)
     z *= _signed(_MIX_1)
@@ -93,7 +97,15 @@ def noise_bits(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def exponentials(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Exp(1) noise float32 [rows, vocab] from each row's key: U = (top 53 bits + 1) / 2**53 in
     (0, 1], E = -log(U), computed in float64 so no bin near 0 biases the race."""
-    bits = noise_bits(keys, vocab_size)
+    return _exponentials(noise_bits(keys, vocab_size))
+
+
+def exponentials_at(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """`exponentials` at `token_ids` [rows, k] only: the same values as the whole rows'."""
+    return _exponentials(_noise_bits(keys, token_ids))
+
+
+def _exponentials(bits: torch.Tensor) -> torch.Tensor:
     bits >>= 11
     bits &= (1 << 53) - 1
     bits += 1
@@ -199,16 +211,73 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     rows = packed[_ROW]
     temperature = packed[_TEMPERATURE].view(torch.float64).float()
     probs = torch.softmax(logits[rows].float() / temperature[:, None], dim=-1)
-    if num_filter:
-        probs[:num_filter] *= _keep_mask(
-            probs[:num_filter],
-            packed[_TOP_K, :num_filter],
-            packed[_TOP_P, :num_filter].view(torch.float64).float(),
-            batch.max_top_k,
+    races = []
+    if num_filter:  # the race among each row's survivors only: noise for those tokens alone
+        races.append(
+            _filtered_race(
+                probs[:num_filter],
+                packed[_TOP_K, :num_filter],
+                packed[_TOP_P, :num_filter].view(torch.float64).float(),
+                batch.max_top_k,
+                packed[_KEY, :num_filter],
+            )
         )
-    # Clamp so a zero draw cannot turn a dropped token's 0 / 0 into NaN (argmax favours NaN).
-    noise = exponentials(packed[_KEY], logits.shape[1]).clamp_min_(1e-20)
-    return picks.index_put_((rows,), (probs / noise).argmax(dim=-1))
+    if num_random > num_filter:
+        # Clamp so a zero draw cannot turn a 0 / 0 into NaN (argmax favours NaN).
+        noise = exponentials(packed[_KEY, num_filter:], logits.shape[1]).clamp_min_(1e-20)
+        races.append((probs[num_filter:] / noise).argmax(dim=-1))
+    return picks.index_put_((rows,), torch.cat(races) if len(races) > 1 else races[0])
+
+
+def _filtered_race(
+    probs: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    max_top_k: int,
+    keys: torch.Tensor,
+) -> torch.Tensor:
+    """The exponential race among the tokens that survive top-k then top-p (`_keep_mask`'s),
+    in each row's sorted candidates: the winner of the whole-vocabulary race with the others'
+    probabilities zeroed, at the cost of the candidates' noise only."""
+    vocab_size = probs.shape[1]
+    total = probs.sum(-1)
+    if max_top_k < vocab_size:
+        return _race(*torch.topk(probs, max_top_k, dim=-1), top_k, top_p, total, keys, vocab_size)
+    probe = min(NUCLEUS_PROBE, vocab_size)
+    if probe == vocab_size or probs.device.type != "cpu":
+        ordered = torch.sort(probs, dim=-1, descending=True)
+        return _race(*ordered, top_k, top_p, total, keys, vocab_size)
+    head_probs, head_ids = torch.topk(probs, probe, dim=-1)
+    fits = (top_k <= probe) | ((top_k >= vocab_size) & (head_probs.sum(-1) >= top_p * total))
+    if bool(fits.all()):
+        return _race(head_probs, head_ids, top_k, top_p, total, keys, vocab_size)
+    winners = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    winners[fits] = _race(
+        head_probs[fits], head_ids[fits], top_k[fits], top_p[fits], total[fits], keys[fits],
+        vocab_size,
+    )  # fmt: skip
+    rest = ~fits
+    winners[rest] = _race(
+        *torch.sort(probs[rest], dim=-1, descending=True), top_k[rest], top_p[rest],
+        total[rest], keys[rest], vocab_size,
+    )  # fmt: skip
+    return winners
+
+
+def _race(
+    sorted_probs: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    total: torch.Tensor,
+    keys: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """The race over sorted candidates that hold each row's nucleus."""
+    keep = _survivors(sorted_probs, top_k, top_p, total, vocab_size)
+    noise = exponentials_at(keys, sorted_ids).clamp_min_(1e-20)
+    scores = torch.where(keep, sorted_probs / noise, -1.0)  # a survivor scores >= 0
+    return sorted_ids.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 # On CPU, top-p without top-k first looks for the nucleus among this many most likely tokens:
@@ -260,24 +329,35 @@ def _keep_sorted(
     top_p: torch.Tensor,
     total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`keep` (all False) with the survivors set, from each row's most likely tokens in order
-    (`sorted_probs`, `sorted_ids`: a prefix of the sorted vocabulary that holds the nucleus).
-    `total` [B]: the whole row's mass, which renormalises rows whose top-k is off (None: their
-    sum over the sorted values, which then hold every token)."""
+    """`keep` (all False) with the survivors set (see `_survivors`)."""
+    if total is None:
+        total = sorted_probs.sum(-1)
+    survivors = _survivors(sorted_probs, top_k, top_p, total, keep.shape[1])
+    return keep.scatter_(1, sorted_ids, survivors)
+
+
+def _survivors(
+    sorted_probs: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    total: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Which of each row's most likely tokens in order (`sorted_probs`: a prefix of the sorted
+    vocabulary that holds the nucleus) survive top-k then top-p, bool [B, k]. `total` [B]: the
+    whole row's mass, which renormalises rows whose top-k is off."""
     ranks = torch.arange(sorted_probs.shape[1], device=sorted_probs.device)
     in_top_k = ranks[None, :] < top_k[:, None]
     # Nucleus over the top-k survivors, renormalised (as HF and vLLM apply them in turn).
     sorted_probs = sorted_probs * in_top_k
     mass = sorted_probs.sum(dim=-1, keepdim=True)
-    if total is not None:
-        mass = torch.where(top_k[:, None] >= keep.shape[1], total[:, None], mass)
+    mass = torch.where(top_k[:, None] >= vocab_size, total[:, None], mass)
     sorted_probs = sorted_probs / mass
     # Keep a token while the mass before it is short of top_p. The top token always stays:
     # the mass before it is 0 and top_p > 0. top_p = 1 keeps every top-k survivor, whatever
     # the rounding of the running sum near 1.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    keep_sorted = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
-    return keep.scatter_(1, sorted_ids, keep_sorted)
+    return in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
 
 
 def logprobs(

@@ -318,3 +318,31 @@ def test_top_p_keeps_the_same_tokens_whether_or_not_the_nucleus_fits_the_probe(m
     whole = sampler._keep_mask(probs, top_k, top_p, vocab)
     assert torch.equal(fast, whole)
     assert (fast.sum(-1)[8:12] > 256).all()  # flat rows kept more than the probe holds
+
+
+def test_the_race_among_survivors_is_the_whole_vocabularys_race(monkeypatch):
+    """Rows that filter race among their survivors only, drawing noise for those tokens alone:
+    the winner must be the whole-vocabulary race's with the other tokens zeroed, on both the
+    probe and the whole-sort paths."""
+    from services.worker import sampler
+
+    vocab = 3000
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.cat(
+        [
+            torch.randn(12, vocab, generator=generator) * 6,
+            torch.randn(12, vocab, generator=generator),
+        ]
+    )
+    probs = torch.softmax(logits, dim=-1)
+    top_k = torch.tensor([vocab, 5, 700, vocab] * 6)
+    top_p = torch.tensor([0.9, 1.0, 0.8, 0.5, 0.95, 0.3] * 4)
+    keys = torch.randint(-(2**62), 2**62, (24,), generator=generator)
+    monkeypatch.setattr(sampler, "NUCLEUS_PROBE", 256)
+    for max_top_k in (vocab, 700):
+        rows = slice(None) if max_top_k == vocab else top_k <= 700
+        kept = sampler._keep_mask(probs[rows], top_k[rows], top_p[rows], max_top_k)
+        noise = sampler.exponentials(keys[rows], vocab).clamp_min_(1e-20)
+        whole = (probs[rows] * kept / noise).argmax(dim=-1)
+        raced = sampler._filtered_race(probs[rows], top_k[rows], top_p[rows], max_top_k, keys[rows])
+        assert torch.equal(raced, whole)
