@@ -61,33 +61,30 @@ def protocol_families(stats: spb.StatsResponse):
     so an endpoint picker does not take an unknown replica for an idle one."""
     waiting = _single_value(stats, "waiting_jobs")
     if waiting is not None:
-        family = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             PROTOCOL_METRICS["queued_requests"],
             "Requests queued at this replica's scheduler: admitted, not in the running batch "
             "(new, or preempted); the model server protocol's TotalQueuedRequests",
+            value=waiting,
         )
-        family.add_metric([], waiting)
-        yield family
     running = _single_value(stats, "running_jobs")
     if running is not None:
-        family = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             PROTOCOL_METRICS["running_requests"],
             "Requests in this replica's running batch (in flight on the workers or in the last "
             "batch); the model server protocol's TotalRunningRequests",
+            value=running,
         )
-        family.add_metric([], running)
-        yield family
     total = _single_value(stats, "kv_blocks_total")
     used = _single_value(stats, "kv_blocks_used")
     if total and used is not None:
-        family = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             PROTOCOL_METRICS["kv_cache_usage"],
             "Fraction (0 to 1) of this replica's device KV blocks held by jobs; prefix-cache "
             "blocks no job references are free to evict and do not count as used; the model "
             "server protocol's KVCacheUtilization",
+            value=min(max(used / total, 0.0), 1.0),
         )
-        family.add_metric([], min(max(used / total, 0.0), 1.0))
-        yield family
     if total and stats.block_size_tokens:
         family = GaugeMetricFamily(
             PROTOCOL_METRICS["cache_config_info"],

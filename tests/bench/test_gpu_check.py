@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_check
-from bench.gpu_check import Step, run_steps
+from bench import gpu_check, gpu_check_report, gpu_check_run
+from bench.gpu_check_run import Step, run_steps
 from testing.stack import pid_alive
 
 # Every CPU step but exactness (tests/e2e/test_swapping.py runs that workload already): ~25 s.
@@ -48,7 +48,7 @@ def test_a_step_past_its_limit_is_killed_with_its_children_and_the_rest_still_ru
     elapsed = time.monotonic() - started
     assert [o.status for o in outcomes] == ["timed out", "crashed", "ok"]
     hung = outcomes[0]
-    assert hung.returncode is None and 2 <= hung.seconds < 2 + gpu_check.KILL_GRACE_S + 3
+    assert hung.returncode is None and 2 <= hung.seconds < 2 + gpu_check_run.KILL_GRACE_S + 3
     assert "limit" in hung.summary
     # The grandchild ran in a session of its own, and it is gone too.
     child = int(pid_file.read_text())
@@ -63,9 +63,9 @@ def test_a_step_past_its_limit_is_killed_with_its_children_and_the_rest_still_ru
 
 
 def test_steps_the_budget_cannot_fit_are_reported_not_run(monkeypatch):
-    monkeypatch.setattr(gpu_check, "RESERVE_PER_STEP_S", 0.0)
-    monkeypatch.setattr(gpu_check, "KILL_GRACE_S", 0.5)
-    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 1.0)
+    monkeypatch.setattr(gpu_check_run, "RESERVE_PER_STEP_S", 0.0)
+    monkeypatch.setattr(gpu_check_run, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(gpu_check_run, "MIN_STEP_S", 1.0)
     steps = [
         python_step("slow", "import time; time.sleep(30)", 30),
         python_step("after", WRITE_OK, 5),
@@ -76,7 +76,7 @@ def test_steps_the_budget_cannot_fit_are_reported_not_run(monkeypatch):
 
 
 def test_targets_are_judged_only_on_a_gpu_run():
-    decode = gpu_check.Outcome(
+    decode = gpu_check_run.Outcome(
         "decode", "", "ok", 1.0, 10, 0,
         {"rows": [
             {"shape": "8B", "batch": 1, "ours_over_bound": 1.4},
@@ -85,9 +85,11 @@ def test_targets_are_judged_only_on_a_gpu_run():
             {"shape": "1B", "batch": 64, "ours_over_bound": 2.5},
         ]},
     )  # fmt: skip
-    stack = gpu_check.Outcome("stack-8b", "", "timed out", 100.0, 100, None)
-    swap = gpu_check.Outcome("swap", "", "ok", 1.0, 10, 0, {"worst_ratio_at_4mib_or_more": 0.6})
-    gpu = {t["target"]: t for t in gpu_check.evaluate_targets([decode, stack, swap], gpu=True)}
+    stack = gpu_check_run.Outcome("stack-8b", "", "timed out", 100.0, 100, None)
+    swap = gpu_check_run.Outcome("swap", "", "ok", 1.0, 10, 0, {"worst_ratio_at_4mib_or_more": 0.6})
+    gpu = {
+        t["target"]: t for t in gpu_check_report.evaluate_targets([decode, stack, swap], gpu=True)
+    }
     statuses = [t["status"] for t in gpu.values()]
     assert statuses == [
         "not met",  # 8B: batch 16 at 1.6x
@@ -97,7 +99,7 @@ def test_targets_are_judged_only_on_a_gpu_run():
         "met",
         "unmeasured (step not run)",
     ]
-    cpu = gpu_check.evaluate_targets([decode, stack, swap], gpu=False)
+    cpu = gpu_check_report.evaluate_targets([decode, stack, swap], gpu=False)
     assert {t["status"] for t in cpu} == {"unmeasured (CPU run)"}
 
 
@@ -154,7 +156,7 @@ def test_the_cpu_mode_writes_a_report_and_json_with_every_step(tmp_path):
 
 def test_two_pipeline_stages_check_runs_over_gloo_on_cpu():
     """The nccl step's body with the CPU's backend (no second GPU here)."""
-    from bench.gpu_check_steps import run_two_stages
+    from bench.gpu_check_stages import run_two_stages
 
     result = run_two_stages(["cpu", "cpu"], "gloo")
     assert result["status"] == "ok", result
@@ -162,6 +164,6 @@ def test_two_pipeline_stages_check_runs_over_gloo_on_cpu():
 
 
 def test_report_names_files_by_device_and_date():
-    assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
-    assert gpu_check.slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
+    assert gpu_check_report.slug("NVIDIA H200") == "nvidia-h200"
+    assert gpu_check_report.slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
     assert Path(gpu_check.DEFAULT_OUT).parts[-2:] == ("docs", "benchmarks")

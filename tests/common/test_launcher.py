@@ -24,6 +24,18 @@ from services.launcher import add_arguments as add_launcher_arguments
 from services.supervisor import STOP_GRACE_S
 
 
+def planned(*flags: str) -> dict:
+    """`fastserve up`'s children for `flags` (free ports picked), by name."""
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    ports = PortReservations()
+    try:
+        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", *flags])
+        return {c.name: c for c in plan(args, ports)}
+    finally:
+        ports.close()
+
+
 def test_a_reserved_port_is_refused_to_others_and_joined_by_a_reuse_port_server():
     ports = PortReservations()
     try:
@@ -96,14 +108,7 @@ def test_bad_stage_flags_are_refused_before_anything_starts(flags, message):
 
 
 def test_plan_wires_one_worker_per_stage_to_the_scheduler():
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
-    ports = PortReservations()
-    try:
-        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", "--stages", "3"])
-        children = {c.name: c for c in plan(args, ports)}
-    finally:
-        ports.close()
+    children = planned("--stages", "3")
     workers = [children[f"worker{i}"] for i in range(3)]
     scheduler = children["scheduler"].argv
     addresses = scheduler[scheduler.index("--worker-address") + 1].split(",")
@@ -124,14 +129,7 @@ def test_cpu_plan_gives_each_stage_its_own_cpus_and_a_thread_each():
 
 
 def test_workers_are_told_their_threads_and_cpus():
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
-    ports = PortReservations()
-    try:
-        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", "--stages", "2"])
-        children = {c.name: c for c in plan(args, ports)}
-    finally:
-        ports.close()
+    children = planned("--stages", "2")
     expected = cpu_plan(available_cpus(), 2)
     for index, (threads, cpus) in enumerate(expected):
         argv = children[f"worker{index}"].argv
@@ -143,15 +141,8 @@ def test_up_hands_api_keys_and_the_queue_bound_to_the_frontend(monkeypatch):
     """`fastserve up --api-key K --max-queued-requests N` reaches the frontend: the bound on its
     command line, the keys in its environment (a command line is visible to every user)."""
     monkeypatch.delenv("FASTSERVE_API_KEY", raising=False)
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
     flags = ["--api-key", "s3cr3t", "--api-key", "other", "--max-queued-requests", "7"]
-    ports = PortReservations()
-    try:
-        args = parser.parse_args(["--grpc-port", "0", "--http-port", "0", *flags])
-        children = {c.name: c for c in plan(args, ports)}
-    finally:
-        ports.close()
+    children = planned(*flags)
     frontend = children.pop("frontend")
     assert frontend.argv[frontend.argv.index("--max-queued-requests") + 1] == "7"
     assert frontend.env == {"FASTSERVE_API_KEY": "s3cr3t,other"}
@@ -167,16 +158,7 @@ def test_up_hands_api_keys_and_the_queue_bound_to_the_frontend(monkeypatch):
 
 
 def test_up_stops_the_frontend_first_with_a_grace_that_covers_its_drain_timeout():
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
-    ports = PortReservations()
-    try:
-        args = parser.parse_args(
-            ["--grpc-port", "0", "--http-port", "0", "--stages", "2", "--drain-timeout", "45"]
-        )
-        children = {c.name: c for c in plan(args, ports)}
-    finally:
-        ports.close()
+    children = planned("--stages", "2", "--drain-timeout", "45")
     frontend, scheduler = children.pop("frontend"), children.pop("scheduler")
     assert frontend.argv[frontend.argv.index("--drain-timeout") + 1] == "45.0"
     assert frontend.stop_grace_s == 45.0 + FRONTEND_STOP_MARGIN_S
@@ -206,13 +188,6 @@ def test_each_stage_gets_its_own_gpu_unless_told_otherwise():
     assert stage_devices("cuda:1, cuda:0", 2) == ["cuda:1", "cuda:0"]
     with pytest.raises(ValueError, match="names 3 devices, --stages is 2"):
         stage_devices("cuda:0,cuda:1,cuda:2", 2)
-    parser = argparse.ArgumentParser()
-    add_launcher_arguments(parser)
-    ports = PortReservations()
-    try:
-        args = parser.parse_args(["--grpc-port", "0", "--stages", "2", "--device", "cuda"])
-        children = {c.name: c for c in plan(args, ports)}
-    finally:
-        ports.close()
+    children = planned("--stages", "2", "--device", "cuda")
     devices = [children[f"worker{i}"].argv for i in range(2)]
     assert [argv[argv.index("--device") + 1] for argv in devices] == ["cuda:0", "cuda:1"]

@@ -237,8 +237,8 @@ def test_a_converted_checkpoint_is_a_standard_llama_folder_that_transformers_and
 
     from services.worker.model_runner import ModelRunner
     from services.worker.models.loader import load_serving_model
+    from testing.oracle import assert_greedy_matches, hf_greedy
     from testing.tiny_model import tiny_llama_config
-    from tests.oracle import assert_greedy_matches, hf_greedy
     from tests.worker.test_model_runner import drive, make_prompts
 
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]

@@ -51,6 +51,55 @@ def completion(http: str, timeout_s: float = 10.0) -> tuple[int, dict[str, str],
         return error.code, dict(error.headers), json.loads(error.read() or b"{}")
 
 
+class Streams:
+    """PROMPTS streamed at once, each in a thread, greedy: `results` (prompt -> token ids),
+    `errors`; `start` returns once every stream has been admitted."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.results: dict[str, list[int]] = {}
+        self.errors: list[BaseException] = []
+        self.finished = threading.Semaphore(0)  # released as each stream ends
+        self._admitted = [threading.Event() for _ in PROMPTS]
+        self.threads = [
+            threading.Thread(target=self._stream, args=(i, p), daemon=True)
+            for i, p in enumerate(PROMPTS)
+        ]
+
+    def _stream(self, index: int, prompt: str) -> None:
+        try:
+            with Client(self.stack.address) as client:
+                ids = []
+                stream = client.generate(
+                    prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
+                )
+                for chunk in stream:
+                    self._admitted[index].set()  # queued at the scheduler, or running
+                    ids += chunk.token_ids
+                self.results[prompt] = ids
+        except BaseException as exc:
+            self.errors.append(exc)
+            self._admitted[index].set()
+        finally:
+            self.finished.release()
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+        for event in self._admitted:
+            assert event.wait(30)
+        assert not self.errors, self.errors
+
+    def any_running(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+    def join(self) -> dict[str, list[int]]:
+        for thread in self.threads:
+            thread.join(60)
+        assert not self.errors, self.errors
+        return self.results
+
+
 def test_sigterm_to_fastserve_up_drains_the_frontend_before_stopping_the_rest(tiny_model_dir):
     stack = Stack.start(
         tiny_model_dir, "--max-batch-size", "1", "--drain-timeout", "25", "--http-port", "0"
@@ -60,32 +109,8 @@ def test_sigterm_to_fastserve_up_drains_the_frontend_before_stopping_the_rest(ti
         expected = {prompt: greedy_ids(stack, prompt) for prompt in PROMPTS}  # undisturbed
         assert all(len(ids) == MAX_TOKENS for ids in expected.values())
 
-        results: dict[str, list[int]] = {}
-        errors: list[BaseException] = []
-        admitted = [threading.Event() for _ in PROMPTS]
-
-        def stream(index: int, prompt: str) -> None:
-            try:
-                with Client(stack.address) as client:
-                    ids = []
-                    for chunk in client.generate(
-                        prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
-                    ):
-                        admitted[index].set()  # queued at the scheduler, or running
-                        ids += chunk.token_ids
-                    results[prompt] = ids
-            except BaseException as exc:
-                errors.append(exc)
-                admitted[index].set()
-
-        threads = [
-            threading.Thread(target=stream, args=(i, p), daemon=True) for i, p in enumerate(PROMPTS)
-        ]
-        for thread in threads:
-            thread.start()
-        for event in admitted:
-            assert event.wait(30)
-        assert not errors
+        streams = Streams(stack)
+        streams.start()
         signaled_at = time.monotonic()
         stack.process.send_signal(signal.SIGTERM)
 
@@ -98,12 +123,9 @@ def test_sigterm_to_fastserve_up_drains_the_frontend_before_stopping_the_rest(ti
             time.sleep(0.05)
         assert status == 503, (status, body)
         assert int(headers["Retry-After"]) >= 1
-        assert any(t.is_alive() for t in threads), "the streams ended before the drain was seen"
-
-        for thread in threads:
-            thread.join(60)
-        assert not errors, errors
-        assert results == expected  # every admitted stream ran to its end, token for token
+        assert streams.any_running(), "the streams ended before the drain was seen"
+        # Every admitted stream ran to its end, token for token.
+        assert streams.join() == expected
         assert stack.process.wait(60) == 0, "".join(stack.output[-40:])
         assert time.monotonic() - signaled_at < 30
     finally:
@@ -127,34 +149,8 @@ def test_sigterm_to_scheduler_and_worker_together_runs_the_admitted_jobs_to_thei
     try:
         expected = {prompt: greedy_ids(stack, prompt) for prompt in PROMPTS}
         scheduler, worker = service_pid(stack, "scheduler"), service_pid(stack, "worker")
-        results: dict[str, list[int]] = {}
-        errors: list[BaseException] = []
-        admitted = [threading.Event() for _ in PROMPTS]
-        finished = threading.Semaphore(0)
-
-        def stream(index: int, prompt: str) -> None:
-            try:
-                with Client(stack.address) as client:
-                    ids = []
-                    for chunk in client.generate(
-                        prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
-                    ):
-                        admitted[index].set()
-                        ids += chunk.token_ids
-                    results[prompt] = ids
-            except BaseException as exc:
-                errors.append(exc)
-                admitted[index].set()
-            finally:
-                finished.release()
-
-        threads = [
-            threading.Thread(target=stream, args=(i, p), daemon=True) for i, p in enumerate(PROMPTS)
-        ]
-        for thread in threads:
-            thread.start()
-        for event in admitted:
-            assert event.wait(30)
+        streams = Streams(stack)
+        streams.start()
         os.kill(scheduler, signal.SIGTERM)
         os.kill(worker, signal.SIGTERM)
         time.sleep(0.5)  # the scheduler's signal handler has run
@@ -164,14 +160,11 @@ def test_sigterm_to_scheduler_and_worker_together_runs_the_admitted_jobs_to_thei
         ):
             client.complete("Hi", max_tokens=2)
         assert refused.value.retry_after_s == 1
-        assert finished.acquire(timeout=30)
+        assert streams.finished.acquire(timeout=30)
         # A job ended after the SIGTERMs and others are left: the worker is still the same one.
-        assert any(t.is_alive() for t in threads), "the streams ended before the drain was seen"
+        assert streams.any_running(), "the streams ended before the drain was seen"
         assert pid_alive(worker) and service_pid(stack, "worker") == worker
-        for thread in threads:
-            thread.join(60)
-        assert not errors, errors
-        assert results == expected
+        assert streams.join() == expected
         stack.process.wait(60)
         output = "".join(stack.output)
         assert "fastserve: scheduler exited with code 0; stopping the others" in output, output

@@ -55,7 +55,7 @@ def test_completion_logprobs_match_the_models_distribution(oai, stack, tiny_hf_m
 
 def test_chat_logprobs_equal_the_reference_log_softmax(oai, stack, tiny_hf_model, tiny_tokenizer):
     from services.frontend.tokenizer import ChatTurn, encode_chat
-    from tests.oracle import hf_next_logits
+    from testing.oracle import hf_next_logits
 
     messages = [{"role": "user", "content": "Name a colour."}]
     result = oai.chat.completions.create(

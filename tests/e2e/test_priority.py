@@ -13,8 +13,8 @@ import pytest
 
 from fastserve_client import Client
 from services.frontend.tokenizer import encode_prompt
+from testing.oracle import assert_greedy_matches, hf_greedy
 from testing.stack import Stack
-from tests.oracle import assert_greedy_matches, hf_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

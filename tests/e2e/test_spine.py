@@ -16,11 +16,11 @@ from fastserve.v1 import generation_pb2 as pb
 from fastserve_client import Client, InvalidArgumentError
 from services.common.health import is_serving
 from services.frontend.tokenizer import encode_prompt
+from testing.oracle import assert_greedy_matches, hf_greedy
 from testing.stack import Stack, pid_alive
 from testing.tiny_model import tiny_llama_variant
 from tests.e2e.test_swapping import PRESSURE, check_exact, run_all
 from tests.e2e.test_swapping import PROMPTS as SWAP_PROMPTS
-from tests.oracle import assert_greedy_matches, hf_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

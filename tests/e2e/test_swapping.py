@@ -7,40 +7,17 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from fastserve_client import Client
 from services.frontend.tokenizer import encode_prompt
+from testing.oracle import assert_greedy_matches, hf_greedy
 from testing.redis_server import redis_server
 from testing.stack import Stack, pid_alive
-from tests.oracle import assert_greedy_matches, hf_greedy
+from testing.swap_workload import LENGTHS, PRESSURE, PROMPTS, run_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-# 12 blocks of 16 tokens for 10 jobs of up to ~90 tokens each, 3 at a time: most jobs are
-# swapped out and back in several times. Swap cost 0: always swap rather than recompute.
-PRESSURE = ("--kv-blocks", "12", "--max-batch-size", "3", "--swap-cost-scale", "0",
-            "--reserve-blocks", "2")  # fmt: skip
-PROMPTS = [f"Request {i}: " + "describe the sea in many words " * (1 + i % 4) for i in range(10)]
-LENGTHS = [10 + 6 * (i % 4) for i in range(10)]
-
-
-def run_all(stack: Stack, pause=None) -> list[list[int]]:
-    def one(i):
-        with Client(stack.address, timeout=300) as client:
-            result = client.complete(
-                PROMPTS[i], max_tokens=LENGTHS[i], temperature=0, ignore_eos=True
-            )
-            return result.token_ids
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(one, i) for i in range(len(PROMPTS))]
-        if pause is not None:
-            pause()
-        return [f.result() for f in futures]
 
 
 def check_exact(outputs, tiny_hf_model, tiny_tokenizer):

@@ -13,18 +13,15 @@ import json
 import logging
 
 import grpc
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
-from services.common.model_source import resolve_model
 from services.frontend.auth import ApiKeys
 from services.frontend.generation import GenerationCore
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.openai_http import OpenAIServer
-from services.frontend.tokenizer import ModelTokenizer
 from tests.frontend.holding_scheduler import holding_stack
 from tests.frontend.test_token_streaming import ids_of, one_token_per_iteration
 
@@ -33,11 +30,6 @@ REQUEST = (
     b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 )
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
 
 
 def http_statuses(exposition: str) -> dict[tuple[str, str], float]:

@@ -8,24 +8,16 @@ import asyncio
 import json
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
-from services.common.model_source import resolve_model
 from services.frontend.server import SERVICE_NAME
-from services.frontend.tokenizer import ModelTokenizer
 from tests.frontend.holding_scheduler import holding_stack
 from tests.frontend.test_frontend_in_process import grpc_error
 from tests.frontend.test_token_streaming import ids_of
 
 WORDS = ("Hello", " world", "!", " ok")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
 
 
 async def sse_text(response) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 
 import aiohttp
 import grpc
@@ -15,26 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
-from services.common.model_source import resolve_model
 from services.frontend.main import Frontend, add_arguments
 from services.frontend.server import SERVICE_NAME
-from services.frontend.tokenizer import ModelTokenizer
 
 MAX_PROMPT_CHARS = 16
 API_KEY = "sk-from-a-file"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
-
-
-@pytest.fixture
-def nobody():
-    """A scheduler address where nothing listens (bound, so no one else takes the port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def frontend_args(*argv: str) -> argparse.Namespace:

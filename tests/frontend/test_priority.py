@@ -11,11 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
-from services.common.model_source import resolve_model
 from services.frontend.auth import ApiKeys, parse_key
 from services.frontend.generation import GenerationCore
 from services.frontend.priority import Granted, PriorityRules
-from services.frontend.tokenizer import ModelTokenizer
 from tests.frontend.holding_scheduler import holding_stack
 from tests.frontend.test_token_streaming import ids_of
 
@@ -25,11 +23,6 @@ GOLD, SILVER = "gold-key", "silver-key"
 # top-priority (and anyone, when keys are off) may use class 1 at best.
 SETTINGS = ("--priority-classes", "3", "--default-priority", "1", "--top-priority", "1")
 KEYS = ("--api-key", f"{GOLD} top-priority=0", "--api-key", SILVER)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
 
 
 def test_the_class_is_what_was_asked_within_the_classes_and_the_callers_right():

@@ -15,29 +15,12 @@ from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
 from fastserve_client import AsyncClient
 from fastserve_client.errors import ResourceExhaustedError
-from services.common.model_source import resolve_model
 from services.common.sampling import MAX_TEMPERATURE
-from services.frontend.tokenizer import ModelTokenizer
 from services.frontend.validation import MAX_CHAT_MESSAGES, MAX_ECHO_CHARS
 from tests.frontend.holding_scheduler import holding_stack
 from tests.frontend.test_frontend_in_process import frontend_args, grpc_error, run
 
 HUGE = "m" * 100_000
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
-
-
-@pytest.fixture
-def nobody():
-    """A scheduler address where nothing listens: every check here comes before the scheduler."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def user(content: str = "Hi") -> dict[str, str]:

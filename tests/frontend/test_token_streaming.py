@@ -20,14 +20,12 @@ from collections.abc import Sequence
 
 import aiohttp
 import grpc
-import pytest
 
 from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.scheduler.v1 import scheduler_pb2 as spb
 from fastserve.scheduler.v1 import scheduler_pb2_grpc
 from fastserve.v1 import generation_pb2 as pb
 from fastserve.v1 import generation_pb2_grpc
-from services.common.model_source import resolve_model
 from services.common.sampling import SamplingParams
 from services.frontend.generation import Delta, GenerationCore
 from services.frontend.main import Frontend, add_arguments
@@ -35,11 +33,6 @@ from services.frontend.tokenizer import ModelTokenizer
 from services.frontend.validation import SamplingRequest
 
 EOS = 2  # <|im_end|>: a special token, decoded to no text
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> ModelTokenizer:
-    return ModelTokenizer.load(resolve_model(str(tiny_model_dir)))
 
 
 def ids_of(model: ModelTokenizer, *pieces: str) -> list[int]:

@@ -4,38 +4,15 @@ when blocks run short. Greedy output must still equal transformers'."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from services.frontend.tokenizer import encode_prompt
-from services.scheduler.core import Job, Policy, SchedulerConfig, SchedulerCore
+from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from testing.local_pipeline import LocalPipeline
-from tests.oracle import assert_greedy_matches, hf_greedy
-
-
-class ShufflingPolicy(Policy):
-    """Orders jobs at random each iteration (a worst case for preemption)."""
-
-    name = "shuffle"
-
-    def __init__(self, seed: int) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._rng = random.Random(seed)
-
-    def add(self, job, now):
-        self._jobs[job.job_id] = job
-        return 0
-
-    def remove(self, job):
-        self._jobs.pop(job.job_id, None)
-
-    def order(self, now):
-        jobs = list(self._jobs.values())
-        self._rng.shuffle(jobs)
-        return jobs
+from testing.oracle import assert_greedy_matches, hf_greedy
+from testing.shuffling_policy import ShufflingPolicy
 
 
 @pytest.mark.parametrize(("num_blocks", "seed"), [(40, 1), (40, 2), (10, 3)])

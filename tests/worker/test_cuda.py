@@ -7,7 +7,7 @@ import torch
 from services.common.model_source import load_model, resolve_model
 from services.worker.batch import SeqChunk
 from services.worker.model_runner import ModelRunner
-from tests.oracle import assert_greedy_matches, hf_greedy
+from testing.oracle import assert_greedy_matches, hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,7 +27,7 @@ from services.worker.pipeline import StageGroup
 from services.worker.stage_layout import split_layers
 from testing import local_pipeline as local_pipeline_module
 from testing.local_pipeline import LocalPipeline, worker_command
-from tests.oracle import assert_greedy_matches, hf_greedy
+from testing.oracle import assert_greedy_matches, hf_greedy
 
 
 def free_port() -> int:

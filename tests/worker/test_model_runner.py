@@ -17,8 +17,8 @@ from services.common.sampling import GREEDY, SamplingParams
 from services.worker.batch import SeqChunk
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import sample
+from testing.oracle import assert_greedy_matches, hf_greedy, hf_next_logits
 from testing.tiny_model import tiny_llama_dir
-from tests.oracle import assert_greedy_matches, hf_greedy, hf_next_logits
 
 # The last job joins after the first has finished, so it runs on that job's freed blocks.
 PROMPT_LENS = (1, 9, 23, 40, 17, 12)

@@ -20,8 +20,8 @@ from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageDeviceError, StageGroup, first_shared_device
 from services.worker.stage_layout import parse_layer_split, split_layers
 from testing.local_pipeline import LocalPipeline
-from tests.oracle import assert_greedy_matches, hf_greedy
-from tests.worker.test_core_with_runner import ShufflingPolicy
+from testing.oracle import assert_greedy_matches, hf_greedy
+from testing.shuffling_policy import ShufflingPolicy
 
 
 def free_port() -> int:

@@ -1,0 +1,104 @@
+"""The nccl step of `bench.gpu_check`: two pipeline stages over NCCL when two GPUs are present."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.gpu_check_common import Result
+
+
+def run_two_stages(devices: list[str], backend: str) -> Result:
+    """Two pipeline stages in this process (one thread each, as testing/local_pipeline.py runs
+    them), each on its own device, activations over `backend`; a shuffling policy preempts at
+    every iteration; greedy output compared with transformers on the CPU."""
+    import copy
+
+    import torch
+
+    from services.common.model_source import load_model, load_tokenizer, resolve_model
+    from services.frontend.tokenizer import encode_prompt
+    from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
+    from services.worker.executor import Executor
+    from services.worker.model_runner import ModelRunner
+    from services.worker.pipeline import StageGroup
+    from services.worker.stage_layout import split_layers
+    from testing.local_pipeline import LocalPipeline
+    from testing.oracle import assert_greedy_matches, hf_greedy
+    from testing.shuffling_policy import ShufflingPolicy
+    from testing.stack import free_port
+    from testing.tiny_model import tiny_llama_dir
+
+    source = resolve_model(str(tiny_llama_dir()))
+    reference = load_model(source, dtype=torch.float32)
+    tokenizer = load_tokenizer(source)
+    block_size, num_blocks = 16, 12
+    ranges = split_layers(reference.config.num_hidden_layers, 2)
+    rendezvous = f"127.0.0.1:{free_port()}"
+    executors = []
+    for index, (layers, device) in enumerate(zip(ranges, devices, strict=True)):
+        model = copy.deepcopy(reference).to(device)
+        runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, layers=layers)
+        group = StageGroup(
+            index, 2, rendezvous, device=torch.device(device), backend=backend, timeout_s=60
+        )
+        executors.append(Executor(runner, stages=group))
+    pipeline = LocalPipeline(executors)
+    started = time.perf_counter()
+    pipeline.open()
+    config = SchedulerConfig(
+        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
+        max_batched_tokens=48,
+    )  # fmt: skip
+    core = SchedulerCore(config, ShufflingPolicy(1))
+    jobs = []
+    for i in range(6):
+        prompt = f"Stage check {i}: " + "pipelines pass activations " * (1 + i % 4)
+        job = Job(f"j{i}", encode_prompt(tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
+        jobs.append(job)
+        core.add_job(job)
+    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
+    iterations = 0
+    try:
+        while core.has_work():
+            decision = core.schedule()
+            result = pipeline.execute(decision)
+            iterations += 1
+            for event in core.update(decision, result.tokens):
+                outputs[event.job_id].extend(event.token_ids)
+    finally:
+        pipeline.close()
+    elapsed = time.perf_counter() - started
+    mismatches = []
+    for job in jobs:
+        ref = hf_greedy(reference, job.prompt_token_ids, job.max_tokens)
+        try:
+            assert_greedy_matches(reference, job.prompt_token_ids, outputs[job.job_id], ref)
+        except AssertionError as error:
+            mismatches.append(str(error).splitlines()[0])
+    return {
+        "status": "ok" if not mismatches else "failed",
+        "reason": "; ".join(mismatches[:2]),
+        "devices": devices,
+        "backend": backend,
+        "iterations": iterations,
+        "seconds": elapsed,
+        "jobs": len(jobs),
+        "mismatches": mismatches,
+        "summary": (
+            f"2 stages on {', '.join(devices)} over {backend}: {len(jobs) - len(mismatches)}/"
+            f"{len(jobs)} jobs match transformers, {iterations} iterations in {elapsed:.1f} s"
+        ),
+    }
+
+
+def step_nccl(args: argparse.Namespace) -> Result:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "no CUDA device", "summary": "no CUDA device"}
+    count = torch.cuda.device_count()
+    if count < 2:
+        reason = f"{count} GPU: NCCL refuses two pipeline ranks on one device; needs two GPUs"
+        return {"status": "skipped", "reason": reason, "summary": reason}
+    return run_two_stages(["cuda:0", "cuda:1"], "nccl")
