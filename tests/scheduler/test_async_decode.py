@@ -157,3 +157,43 @@ def test_async_decoding_never_changes_an_output(lengths, arrivals, cancels, num_
     assert core.num_jobs == 0
     assert core.blocks.num_free_blocks + core.blocks.num_cached_blocks >= 0
     assert core.blocks.num_free_blocks == core.blocks.num_blocks
+
+
+def test_a_job_short_of_blocks_still_takes_them_from_decoding_jobs_behind_it():
+    """Decoding jobs ahead of their token are always in flight, and a job in flight is never
+    evicted: without care, a higher-class arrival that needs their blocks would wait for them
+    to finish. They sit out an iteration instead, and it gets the blocks."""
+    core = make_scheduler("fcfs", async_decode=True, num_blocks=10, block_size=4, max_batch_size=8)
+    low = [
+        Job(f"low{i}", [10 + i] * 14, max_tokens=20, priority=1, stop_token_ids=frozenset())
+        for i in range(2)
+    ]
+    worker = WorkerDouble(fake_model)
+    in_flight: deque[tuple[Decision, dict[str, int]]] = deque()
+
+    def step() -> Decision:
+        decision = core.schedule()
+        in_flight.append((decision, worker.execute(decision)))
+        if len(in_flight) == 2:
+            core.update(*in_flight.popleft())
+        return decision
+
+    for job in low:
+        core.add_job(job)
+    for _ in range(4):
+        step()
+    assert core.blocks.num_free_blocks < 3  # the low jobs hold the pool, decoding ahead
+    urgent = Job("urgent", [40] * 12, max_tokens=4, priority=0, stop_token_ids=frozenset())
+    core.add_job(urgent)
+    ran_at = next((n for n in range(6) if "urgent" in {c.job_id for c in step().chunks}), None)
+    assert ran_at is not None and ran_at <= 2, ran_at
+    while in_flight or core.has_work():
+        if core.has_work() and len(in_flight) < 2:
+            decision = core.schedule()
+            if not decision.is_empty:
+                in_flight.append((decision, worker.execute(decision)))
+                if decision.chunks:
+                    continue
+        core.update(*in_flight.popleft())
+    for job in [*low, urgent]:
+        assert job.output_token_ids == expected_output(job, fake_model)

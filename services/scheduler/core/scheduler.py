@@ -354,8 +354,12 @@ class SchedulerCore:
         return pending
 
     def _add_pending(self, job: Job, plan: Plan) -> None:
-        """Async decoding: `job` runs the token the decision in flight samples for it."""
+        """Async decoding: `job` runs the token the decision in flight samples for it, unless a
+        job ahead of it is short of blocks: then it sits this one out, so that once its token is
+        back it is no longer busy and its KV can be taken (a job in flight never is)."""
         position = plan.pending.pop(job.job_id)
+        if plan.short_of_blocks:
+            return
         num_blocks = num_blocks_for(position + 1, self.config.block_size) - len(job.block_ids)
         if num_blocks > 0 and not self._make_room(job, num_blocks, [], plan):
             return  # it runs once its token is back, as any job
