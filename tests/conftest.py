@@ -8,6 +8,12 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import pytest
+import torch
+
+# Without CUDA the worker's Triton kernels run in Triton's interpreter, which must be chosen
+# before anything imports triton (services/worker/kernels). Child processes inherit it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from testing.tiny_model import tiny_llama_dir
 

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention-backend",
         default="auto",
         choices=ATTENTION_BACKENDS,
-        help="paged attention: cpu-kernel (CPU default) or reference (gather + SDPA)",
+        help="paged attention: cpu-kernel (CPU default), triton (CUDA default) or reference "
+        "(gather + SDPA)",
     )
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")

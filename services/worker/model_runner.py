@@ -28,7 +28,7 @@ from services.worker.batch import SeqChunk
 from services.worker.kv_cache import KVCache
 from services.worker.models.llama import LayerOps, LlamaForServing, head_dim, num_kv_heads
 from services.worker.models.loader import from_hf
-from services.worker.models.ops import NativeOps, TorchOps
+from services.worker.models.ops import NativeOps, TorchOps, TritonOps
 from services.worker.sampler import sample
 
 if TYPE_CHECKING:
@@ -87,12 +87,24 @@ class ModelRunner:
             dtype=model.dtype,
             device=self.device,
         )
-        self.attention = PagedAttention(attention_backend, self.device)
-        # `reference` is plain torch throughout (the tests' yardstick). Otherwise the native
-        # layer ops go with the native attention kernel, and on CPU the matmuls' weights are
-        # packed for oneDNN (layers.Linear) even where no compiler built the kernels.
+        self.attention = PagedAttention(
+            attention_backend,
+            self.device,
+            num_heads=self.config.num_attention_heads,
+            num_kv_heads=num_kv_heads(self.config),
+        )
+        # `reference` is plain torch throughout (the tests' yardstick). Otherwise the layer ops
+        # go with the attention kernel (native C++ on CPU, Triton on CUDA), and on CPU the
+        # matmuls' weights are packed for oneDNN (layers.Linear) even where no compiler built
+        # the kernels.
         library = native.library() if self.attention.name == "cpu-kernel" else None
-        self.ops: LayerOps = NativeOps(library) if library is not None else TorchOps()
+        self.ops: LayerOps = (
+            NativeOps(library)
+            if library is not None
+            else TritonOps()
+            if self.attention.name == "triton"
+            else TorchOps()
+        )
         self.packed = attention_backend != "reference" and model.pack_weights(batch_hint=16)
 
     @property

@@ -106,8 +106,9 @@ def test_without_a_compiler_auto_falls_back_and_explicit_refuses(monkeypatch, tm
     with pytest.raises(RuntimeError, match="compiler"):
         native.build()
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)
-    assert PagedAttention("auto", torch.device("cpu")).name == "reference"
+    heads = dict(num_heads=4, num_kv_heads=2)
+    assert PagedAttention("auto", torch.device("cpu"), **heads).name == "reference"
     with pytest.raises(ValueError, match="could not be built"):
-        PagedAttention("cpu-kernel", torch.device("cpu"))
+        PagedAttention("cpu-kernel", torch.device("cpu"), **heads)
     with pytest.raises(ValueError, match="must be one of"):
-        PagedAttention("flash", torch.device("cpu"))
+        PagedAttention("flash", torch.device("cpu"), **heads)

@@ -142,9 +142,17 @@ def llama_refs(llama, llama_prompts):
     return [hf_greedy(llama, p, NUM_NEW) for p in llama_prompts]
 
 
-@pytest.mark.parametrize("backend", ["cpu-kernel", "reference"])
+# The Triton kernels run in Triton's interpreter here (about 17 s a case): one case, the block
+# size and chunking that cross the most block boundaries.
 @pytest.mark.parametrize(
-    ("block_size", "chunk_size"), [(16, None), (16, 8), (5, None), (3, 7)], ids=str
+    ("backend", "block_size", "chunk_size"),
+    [
+        (backend, *sizes)
+        for backend in ("cpu-kernel", "reference")
+        for sizes in [(16, None), (16, 8), (5, None), (3, 7)]
+    ]
+    + [("triton", 3, 7)],
+    ids=str,
 )
 def test_concurrent_jobs_match_hf(
     llama, llama_prompts, llama_refs, block_size, chunk_size, backend
@@ -160,8 +168,9 @@ def test_concurrent_jobs_match_hf(
         assert_greedy_matches(llama, prompt, ours, ref)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "mistral-sliding"])
-def test_other_families_match_hf(family):
+def test_other_families_match_hf(family, backend):
     common = dict(
         vocab_size=512,
         hidden_size=64,
@@ -180,7 +189,7 @@ def test_other_families_match_hf(family):
         config = MistralConfig(**common, head_dim=32, sliding_window=window)
     model = scaled_tiny_model(config)
     prompts = make_prompts(512, lens=(5, 19, 12))
-    runner = ModelRunner(model, num_blocks=32, block_size=4)
+    runner = ModelRunner(model, num_blocks=32, block_size=4, attention_backend=backend)
     trace = drive(runner, prompts, chunk_size=6, join_steps=(0, 1, 2))
     check_against_hf(model, prompts, trace.outputs)
 

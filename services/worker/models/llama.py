@@ -24,9 +24,9 @@ from torch import nn
 from services.worker.attention import PagedAttention
 from services.worker.kv_cache import KVCache
 from services.worker.models.layers import GatedMLP, Linear, RMSNorm, RotaryTable, can_pack
-from services.worker.models.ops import NativeOps, TorchOps
+from services.worker.models.ops import NativeOps, TorchOps, TritonOps
 
-LayerOps = NativeOps | TorchOps
+LayerOps = NativeOps | TorchOps | TritonOps
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

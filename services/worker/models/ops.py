@@ -1,6 +1,7 @@
 """The element-wise ops of a decoder layer, in two implementations with one meaning:
 - `TorchOps`: torch ops, written as Hugging Face writes them (any device; the reference);
-- `NativeOps`: services/worker/native/layer_ops.cpp, one fused pass each (CPU).
+- `NativeOps`: services/worker/native/layer_ops.cpp, one fused pass each (CPU);
+- `TritonOps`: services/worker/kernels/layer_ops.py, one kernel launch each (CUDA).
 
 `add_rms_norm(x, delta, norm)` adds `delta` into the residual stream `x` in place (when given)
 and returns RMSNorm(x); `rope_store` rotates q and k inside the fused QKV output in place and
@@ -47,6 +48,35 @@ class TorchOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from services.worker.kernels import layer_ops
+
+        self._kernels = layer_ops
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm):
+        return self._kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+
+    def rope_store(
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        positions: torch.Tensor,
+        rotary: RotaryTable,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        slots: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        return self._kernels.rope_store(
+            qkv, num_heads, num_kv_heads, positions, rotary.cos, rotary.sin, kv, slots
+        )
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._kernels.silu_mul(gate_up)
 
 
 class NativeOps:
