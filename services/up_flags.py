@@ -131,8 +131,23 @@ PASSED: tuple[Passed, ...] = (
     _row(
         "--attention-backend",
         WORKER,
-        "paged attention: cpu-kernel (CPU default) or reference (gather + SDPA)",
-        choices=("auto", "cpu-kernel", "reference"),
+        "paged attention: cpu-kernel (CPU default), triton (CUDA default) or reference "
+        "(gather + SDPA)",
+        choices=("auto", "cpu-kernel", "triton", "reference"),
+    ),
+    _row(
+        "--cuda-graph-max-batch",
+        WORKER,
+        "on CUDA, decode steps of up to this many jobs replay CUDA graphs (0: never)",
+        type=int,
+        default=64,
+    ),
+    _row(
+        "--cuda-graph-max-len",
+        WORKER,
+        "context the CUDA graphs cover; longer jobs' steps run eagerly",
+        type=int,
+        default=4096,
     ),
     _row(
         "--pipeline-backend",

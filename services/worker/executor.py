@@ -212,26 +212,24 @@ class Executor:
         started = time.perf_counter()
         inputs = runner.prepare(seqs, self._sampling)
         wait_s = 0.0
-        if stages is None or stages.is_first:
-            hidden = runner.embed(inputs)
-        else:
+        hidden = None
+        if stages is not None and not stages.is_first:
             waiting = time.perf_counter()
             hidden = stages.recv_previous(
-                len(inputs.token_ids), runner.hidden_size, runner.kv_cache.dtype
+                inputs.num_rows, runner.hidden_size, runner.kv_cache.dtype
             )
             wait_s = time.perf_counter() - waiting
-        hidden = runner.run_layers(hidden, inputs)
+        out = runner.forward(inputs, hidden)
         tokens: list[tuple[str, int]] = []
         job_logprobs: dict[str, TokenLogprobs] = {}
         if stages is not None and not stages.is_last:
-            stages.send_next(hidden)
+            stages.send_next(out)
         elif inputs.sample_seqs:
-            logits = runner.compute_logits(hidden, inputs)
-            sampled = runner.sample(logits, inputs)
+            sampled = runner.sample(out, inputs)
             job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
             tokens = list(zip(job_ids, sampled, strict=True))
             for job_id, lp in zip(
-                job_ids, logprobs(logits, sampled, inputs.sample_params), strict=True
+                job_ids, logprobs(out, sampled, inputs.sample_params), strict=True
             ):
                 if lp is not None:
                     job_logprobs[job_id] = lp

@@ -33,7 +33,10 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        spare_blocks: int = 0,
     ) -> None:
+        """`spare_blocks` more blocks follow the `num_blocks` that jobs use, for the runner's
+        own scratch (`scratch_block`: where padding rows of a graph step write)."""
         if num_blocks <= 0 or block_size <= 0 or num_layers <= 0:
             raise ValueError(
                 f"num_blocks, block_size and num_layers must be positive, got "
@@ -44,8 +47,9 @@ class KVCache:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.scratch_block = num_blocks if spare_blocks > 0 else -1
         self.data = torch.zeros(
-            (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim),
+            (num_blocks + spare_blocks, num_layers, 2, block_size, num_kv_heads, head_dim),
             dtype=dtype,
             device=device,
         )
@@ -108,7 +112,7 @@ class KVCache:
                 runs[-1][1] = block_id
             else:
                 runs.append([block_id, block_id])
-        flat = self.data.view(self.num_blocks, -1).view(torch.uint8)
+        flat = self.data.view(self.data.shape[0], -1).view(torch.uint8)
         return [memoryview(flat[first : last + 1].numpy()).cast("B") for first, last in runs]
 
     def clear(self) -> None:

@@ -66,6 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paged attention: cpu-kernel (CPU default), triton (CUDA default) or reference "
         "(gather + SDPA)",
     )
+    add_flag(
+        parser,
+        "--cuda-graph-max-batch",
+        type=int,
+        default=64,
+        help="on CUDA, decode steps of up to this many jobs replay CUDA graphs captured at "
+        "start (0: never)",
+    )
+    add_flag(
+        parser,
+        "--cuda-graph-max-len",
+        type=int,
+        default=4096,
+        help="context (tokens) the graphs' block tables cover; longer jobs' steps run eagerly",
+    )
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="KV pool size in bytes")
@@ -189,9 +204,23 @@ def run(args: argparse.Namespace) -> int:
             num_blocks=num_blocks,
             block_size=args.block_size,
             attention_backend=args.attention_backend,
+            # graphs need the Triton backend (the reference builds tensors from host lists)
+            graph_max_batch=(
+                args.cuda_graph_max_batch
+                if args.device.startswith("cuda") and args.attention_backend != "reference"
+                else 0
+            ),
+            graph_max_len=args.cuda_graph_max_len,
         )
     except ValueError as exc:
         raise SystemExit(f"worker: {exc}") from exc
+    if runner.graphs is not None:
+        log.info(
+            "decode CUDA graphs for batch sizes %s, context up to %d blocks: captured in %.1f s",
+            runner.graphs.sizes,
+            runner.graphs.width,
+            runner.graphs.capture_s,
+        )
     stages = None
     if args.num_stages > 1:
         try:

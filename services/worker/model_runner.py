@@ -9,7 +9,9 @@ K/V slots, query starts, context lengths, block tables, sampled rows) are packed
 buffer on the host and moved to the device with one copy, then used as views.
 
 The step is staged embed -> layers (any range) -> logits -> sample, so a pipeline-parallel
-worker can run just its share: stage 0 embeds, the last stage takes logits and samples.
+worker can run just its share (`forward`): stage 0 embeds, the last stage takes logits and
+samples. With CUDA graphs on, a decode step runs from the graph of its batch-size bucket
+(cuda_graphs.py), its inputs padded into that bucket's static buffer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from services.common.sampling import GREEDY, SamplingParams
 from services.worker import native
 from services.worker.attention import AttentionMetadata, PagedAttention
 from services.worker.batch import SeqChunk
+from services.worker.cuda_graphs import DecodeGraphs
 from services.worker.kv_cache import KVCache
 from services.worker.models.llama import LayerOps, LlamaForServing, head_dim, num_kv_heads
 from services.worker.models.loader import from_hf
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class StepInputs:
-    """Everything the layers need about a step, as tensors built once and shared by all layers."""
+    """Everything the layers need about a step, as tensors built once and shared by all layers.
+
+    A decode step that runs in a CUDA graph bucket (`bucket`) is padded to the bucket's size:
+    its tensors hold `bucket` rows, of which the first `num_rows` are the step's own."""
 
     token_ids: torch.Tensor  # [T] new tokens of all jobs, job after job
     positions: torch.Tensor  # [T] position of each token in its job
@@ -46,10 +52,8 @@ class StepInputs:
     sample_params: list[SamplingParams]
     sample_positions: list[int]  # position the sampled token will take, keys seeded sampling
     sample_seqs: list[int]  # index into the step's chunks of each sampled row
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.token_ids.shape[0])
+    num_rows: int  # the step's rows, without padding
+    bucket: int | None = None  # the decode graph bucket it runs in (None: eagerly)
 
 
 class ModelRunner:
@@ -63,9 +67,17 @@ class ModelRunner:
         block_size: int,
         layers: range | None = None,
         attention_backend: str = "auto",
+        graph_max_batch: int = 0,
+        graph_max_len: int = 0,
+        capture_graphs: bool | None = None,
     ) -> None:
         """`model`: a serving model (it holds its own layer range), or a model transformers
-        loaded, of which this runner takes `layers` (default: all of them)."""
+        loaded, of which this runner takes `layers` (default: all of them).
+
+        `graph_max_batch` > 0 runs decode steps of up to that many jobs, each with at most
+        `graph_max_len` tokens of context (default: the model's length), from CUDA graphs
+        captured now (cuda_graphs.py); `capture_graphs=False` runs those padded steps eagerly
+        instead (what the tests do on CPU; the default captures on CUDA only)."""
         if not isinstance(model, LlamaForServing):
             model = from_hf(model, layers)
         elif layers is not None and layers != model.layer_range:
@@ -86,6 +98,7 @@ class ModelRunner:
             head_dim=head_dim(self.config),
             dtype=model.dtype,
             device=self.device,
+            spare_blocks=1,  # the scratch block padding rows write to
         )
         self.attention = PagedAttention(
             attention_backend,
@@ -106,6 +119,38 @@ class ModelRunner:
             else TorchOps()
         )
         self.packed = attention_backend != "reference" and model.pack_weights(batch_hint=16)
+        self.graphs: DecodeGraphs | None = None
+        if graph_max_batch > 0:
+            self._start_graphs(graph_max_batch, graph_max_len, capture_graphs)
+
+    def _start_graphs(self, max_batch: int, max_len: int, capture: bool | None) -> None:
+        capture = self.device.type == "cuda" if capture is None else capture
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        if capture and not self.attention.graph_safe:
+            raise ValueError(
+                f"CUDA graphs need the triton attention backend, not {self.attention.name}"
+            )
+        max_len = max_len or int(getattr(self.config, "max_position_embeddings", 2048))
+        width = -(-max_len // self.block_size)
+        self.graphs = DecodeGraphs(
+            max_batch=max_batch,
+            width=width,
+            buffer_size=lambda size: _buffer_size(size, size, size, width),
+            hidden_size=self.hidden_size,
+            dtype=self.model.dtype,
+            device=self.device,
+            needs_hidden_in=not self.is_first_stage,
+            capture=capture,
+        )
+        scratch = self.kv_cache.scratch_block
+
+        def padding_only(size: int) -> StepInputs:
+            seqs = [SeqChunk(f"pad-{i}", [0], 0, [scratch], True) for i in range(size)]
+            return self._prepare_in_bucket(seqs, None, size)
+
+        with torch.inference_mode():
+            self.graphs.capture(padding_only, self._forward_eager)
 
     @property
     def hidden_size(self) -> int:
@@ -141,70 +186,128 @@ class ModelRunner:
         if not seqs:
             return []
         inputs = self.prepare(seqs)
-        hidden = self.run_layers(self.embed(inputs), inputs)
+        out = self.forward(inputs)
         results: list[int | None] = [None] * len(seqs)
         if not inputs.sample_seqs:  # only non-final prompt chunks: no logits needed
             return results
-        tokens = self.sample(self.compute_logits(hidden, inputs), inputs)
-        for seq_index, token in zip(inputs.sample_seqs, tokens, strict=True):
+        for seq_index, token in zip(inputs.sample_seqs, self.sample(out, inputs), strict=True):
             results[seq_index] = token
         return results
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This runner's share of a step: embed the tokens (first stage) or take the previous
+        stage's `hidden` [num_rows, hidden], run the layers, then return the float32 logits of
+        the sampled rows [S, vocab] (last stage, when any samples) or the hidden states
+        [num_rows, hidden]. From a CUDA graph where the step has a bucket."""
+        if inputs.bucket is not None:
+            assert self.graphs is not None
+            out = self.graphs.run(inputs.bucket, inputs, hidden, self._forward_eager)
+            return out[: inputs.num_rows]
+        return self._forward_eager(inputs, hidden)
+
+    def _forward_eager(self, inputs: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
+        if hidden is None:
+            hidden = self.embed(inputs)
+        hidden = self.run_layers(hidden, inputs)
+        if self.is_last_stage and inputs.sample_seqs:
+            return self.compute_logits(hidden, inputs)
+        return hidden
 
     def prepare(
         self, seqs: Sequence[SeqChunk], held: Mapping[str, SamplingParams] | None = None
     ) -> StepInputs:
-        """Validates the chunks and builds the step's index tensors with one host-device copy.
+        """Validates the chunks and builds the step's index tensors with one host-device copy
+        (into a graph bucket's buffer, padded, when the step is a decode step a bucket takes).
 
         A sampled chunk samples with its own settings, else with those in `held` for its job
         (the Executor's), else greedily."""
-        block_size = self.block_size
-        num_seqs = len(seqs)
-        query_lens = [seq.num_tokens for seq in seqs]
-        seq_lens = [seq.end_pos for seq in seqs]
-        tables: list[Sequence[int]] = []
         for seq in seqs:
-            num_needed = -(-seq.end_pos // block_size)
+            num_needed = -(-seq.end_pos // self.block_size)
             if len(seq.block_ids) < num_needed:
                 raise ValueError(
                     f"job {seq.job_id}: {len(seq.block_ids)} blocks cannot hold "
-                    f"{seq.end_pos} tokens of {block_size}"
+                    f"{seq.end_pos} tokens of {self.block_size}"
                 )
             table = seq.block_ids[:num_needed]
             if min(table) < 0 or max(table) >= self.num_blocks:
                 raise ValueError(f"job {seq.job_id}: block id out of [0, {self.num_blocks})")
-            tables.append(table)
+        bucket = self.graphs.bucket_for(list(seqs), self.block_size) if self.graphs else None
+        if bucket is not None:
+            return self._prepare_in_bucket(seqs, held, bucket)
+        buffer, sizes = self._pack(seqs, num_padded=len(seqs), width=None)
+        device_buffer = torch.from_numpy(buffer).to(self.device, non_blocking=True)
+        return self._inputs(seqs, held, device_buffer, sizes, bucket=None)
+
+    def _prepare_in_bucket(
+        self, seqs: Sequence[SeqChunk], held: Mapping[str, SamplingParams] | None, bucket: int
+    ) -> StepInputs:
+        assert self.graphs is not None
+        buffer, sizes = self._pack(seqs, num_padded=bucket, width=self.graphs.width)
+        static = self.graphs.buckets[bucket].buffer
+        static.copy_(torch.from_numpy(buffer), non_blocking=True)
+        return self._inputs(seqs, held, static, sizes, bucket=bucket)
+
+    def _pack(
+        self, seqs: Sequence[SeqChunk], *, num_padded: int, width: int | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """The step's int32 buffer: tokens, positions, slot blocks, slot offsets [T each],
+        sampled rows [S], query starts [n + 1], context lengths [n], block tables [n, width].
+        With `num_padded` > len(seqs), one-token rows on the scratch block fill the step up
+        (a graph bucket's fixed layout; all of a bucket's rows sample)."""
+        block_size = self.block_size
+        num_pad = num_padded - len(seqs)
+        query_lens = [seq.num_tokens for seq in seqs] + [1] * num_pad
+        seq_lens = [seq.end_pos for seq in seqs] + [1] * num_pad
+        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample] + list(
+            range(len(seqs), num_padded)
+        )
+        tables = [seq.block_ids[: -(-seq.end_pos // block_size)] for seq in seqs]
+        width = width or max(len(t) for t in tables)
+        num_seqs = num_padded
         num_rows = sum(query_lens)
-        max_blocks = max(len(t) for t in tables)
-        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample]
         query_start = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-
-        # One int32 buffer: tokens, positions, slot blocks, slot offsets [T each], sampled rows
-        # [S], query starts [n + 1], context lengths [n], block tables [n, max_blocks].
-        sizes = [num_rows] * 4 + [len(sample_seqs), num_seqs + 1, num_seqs, num_seqs * max_blocks]
+        sizes = _sizes(num_rows, len(sample_seqs), num_seqs, width)
         buffer = np.zeros(sum(sizes), dtype=np.int32)
         parts = np.split(buffer, np.cumsum(sizes)[:-1])
         tokens, positions, slot_blocks, slot_offsets, sample_rows, starts, lens, flat = parts
-        tokens[:] = [t for seq in seqs for t in seq.token_ids]
+        tokens[:] = [t for seq in seqs for t in seq.token_ids] + [0] * num_pad
         positions[:] = np.concatenate(
             [np.arange(seq.start_pos, seq.end_pos, dtype=np.int32) for seq in seqs]
+            + [np.zeros(num_pad, dtype=np.int32)]
         )
-        block_tables = flat.reshape(num_seqs, max_blocks)
+        block_tables = flat.reshape(num_seqs, width)
         for i, table in enumerate(tables):
             block_tables[i, : len(table)] = table
+        block_tables[len(seqs) :] = self.kv_cache.scratch_block
         row_seq = np.repeat(np.arange(num_seqs), query_lens)
         slot_blocks[:] = block_tables[row_seq, positions // block_size]
         slot_offsets[:] = positions % block_size
         sample_rows[:] = query_start[1:][sample_seqs] - 1
         starts[:] = query_start
         lens[:] = seq_lens
+        return buffer, sizes
 
-        device_buffer = torch.from_numpy(buffer).to(self.device, non_blocking=True)
+    def _inputs(
+        self,
+        seqs: Sequence[SeqChunk],
+        held: Mapping[str, SamplingParams] | None,
+        device_buffer: torch.Tensor,
+        sizes: list[int],
+        *,
+        bucket: int | None,
+    ) -> StepInputs:
+        """StepInputs as views of the step's buffer on the device (`_pack`'s layout)."""
         views = device_buffer.split(sizes)
+        num_seqs = views[6].shape[0]
+        query_lens = [seq.num_tokens for seq in seqs] + [1] * (num_seqs - len(seqs))
+        seq_lens = [seq.end_pos for seq in seqs] + [1] * (num_seqs - len(seqs))
+        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample]
         meta = AttentionMetadata(
             query_start=views[5],
             seq_lens=views[6],
-            block_tables=views[7].view(num_seqs, max_blocks),
+            block_tables=views[7].view(num_seqs, -1),
             slot_blocks=views[2],
             slot_offsets=views[3],
             query_lens_host=tuple(query_lens),
@@ -216,8 +319,10 @@ class ModelRunner:
             attention=meta,
             sample_rows=views[4],
             sample_params=[_sampling_of(seqs[i], held) for i in sample_seqs],
-            sample_positions=[seq_lens[i] for i in sample_seqs],
+            sample_positions=[seqs[i].end_pos for i in sample_seqs],
             sample_seqs=sample_seqs,
+            num_rows=sum(seq.num_tokens for seq in seqs),
+            bucket=bucket,
         )
 
     @torch.inference_mode()
@@ -241,6 +346,15 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, inputs: StepInputs) -> list[int]:
         return sample(logits, inputs.sample_params, inputs.sample_positions)
+
+
+def _sizes(num_rows: int, num_sampled: int, num_seqs: int, width: int) -> list[int]:
+    """The parts of a step's int32 buffer, in order (ModelRunner._pack)."""
+    return [num_rows] * 4 + [num_sampled, num_seqs + 1, num_seqs, num_seqs * width]
+
+
+def _buffer_size(num_rows: int, num_sampled: int, num_seqs: int, width: int) -> int:
+    return sum(_sizes(num_rows, num_sampled, num_seqs, width))
 
 
 def _sampling_of(seq: SeqChunk, held: Mapping[str, SamplingParams] | None) -> SamplingParams:

@@ -127,21 +127,6 @@ def scaled_tiny_model(config, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model(resolve_model(str(tiny_llama_dir())), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def llama_prompts(llama):
-    return make_prompts(llama.config.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def llama_refs(llama, llama_prompts):
-    return [hf_greedy(llama, p, NUM_NEW) for p in llama_prompts]
-
-
 # The Triton kernels run in Triton's interpreter here (about 17 s a case): one case, the block
 # size and chunking that cross the most block boundaries.
 @pytest.mark.parametrize(
@@ -285,7 +270,9 @@ def test_block_bytes_match_the_pool(llama):
     runner = ModelRunner(llama, num_blocks=3, block_size=16)
     config = llama.config
     expected = ModelRunner.bytes_per_block(config, 16, torch.float32)
-    assert runner.block_bytes == expected == runner.kv_cache.data.nbytes // 3
+    # the pool holds the 3 blocks jobs use and the runner's scratch block
+    assert runner.block_bytes == expected == runner.kv_cache.data.nbytes // 4
+    assert runner.kv_cache.scratch_block == 3
     # 4 layers x K,V x 16 positions x 2 KV heads x head_dim 16 x 4 bytes
     assert expected == 4 * 2 * 16 * 2 * 16 * 4
 
