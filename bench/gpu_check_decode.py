@@ -103,7 +103,15 @@ def ours_rows(hf: Any, shape: str, batches: list[int], context: int, repeats: in
 
     config = hf.config
     blocks_per_job = -(-(context + 1) // BLOCK_SIZE)
-    runner = ModelRunner(hf, num_blocks=max(batches) * blocks_per_job + 1, block_size=BLOCK_SIZE)
+    on_gpu = next(hf.parameters()).device.type == "cuda"
+    runner = ModelRunner(
+        hf,
+        num_blocks=max(batches) * blocks_per_job + 1,
+        block_size=BLOCK_SIZE,
+        graph_max_batch=max(batches) if on_gpu else 0,  # as the worker runs on a GPU
+        graph_max_len=blocks_per_job * BLOCK_SIZE,
+    )
+    graphs = runner.graphs
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     head_dim = config.hidden_size // config.num_attention_heads
     element = torch.empty((), dtype=runner.kv_cache.dtype).element_size()
@@ -114,12 +122,21 @@ def ours_rows(hf: Any, shape: str, batches: list[int], context: int, repeats: in
     for batch in batches:
         seqs = decode_batch(runner, batch, context)
         ours = median_seconds(lambda seqs=seqs: runner.step(seqs), WARMUP, repeats)
+        eager = ours
+        if graphs is not None:  # the same step without its graph
+            runner.graphs = None
+            eager = median_seconds(lambda seqs=seqs: runner.step(seqs), WARMUP, repeats)
+            runner.graphs = graphs
         rows.append(
             {
                 "shape": shape,
                 "batch": batch,
                 "context": context,
                 "ours_ms": 1e3 * ours,
+                "eager_ms": 1e3 * eager,
+                "graphs": graphs is not None,
+                "graph_capture_s": graphs.capture_s if graphs is not None else None,
+                "attention": runner.attention.name,
                 "weight_bytes": weight_bytes,
                 "kv_bytes": batch * kv_bytes_per_job,
             }

@@ -151,15 +151,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (bytes read + written by one "
             f"{r['copy_bytes'] >> 20} MiB copy).",
             "",
-            "| shape, batch | ours ms | transformers ms | bound ms | ours / bound | "
-            "ours / transformers |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "Ours replays the step's CUDA graph where the worker would (a GPU); ours eager is the "
+            "same step launched op by op. Attention backend: "
+            f"{r['rows'][0].get('attention', 'n/a')}.",
+            "",
+            "| shape, batch | ours ms | ours eager ms | transformers ms | bound ms | ours / bound "
+            "| ours / transformers |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in r["rows"]:
             lines.append(
                 f"| {row['shape']}, batch {row['batch']} | {row['ours_ms']:.2f} | "
-                f"{fmt(row.get('hf_ms'))} | {row['bound_ms']:.3f} | "
+                f"{fmt(row.get('eager_ms'))} | {fmt(row.get('hf_ms'))} | {row['bound_ms']:.3f} | "
                 f"{row['ours_over_bound']:.1f}x | {fmt(row.get('ours_over_hf'))}x |"
+            )
+        captures = {row["shape"]: row.get("graph_capture_s") for row in r["rows"]}
+        if any(v is not None for v in captures.values()):
+            lines.append("")
+            lines.append(
+                "Graph capture at start: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in captures.items() if v is not None)
+                + "."
             )
     stacks = [o for o in outcomes if o.name.startswith("stack-") and "shape" in o.result]
     if stacks:

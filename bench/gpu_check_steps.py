@@ -6,9 +6,9 @@ A step writes one JSON object to FILE: `status` (ok, failed or skipped), `reason
 not pass, `summary` (one line for the report's table) and its numbers. It never decides what
 the report says about the issue's targets: bench/gpu_check.py does.
 
-Steps: env (versions, device), gpu-tests (`pytest -m gpu`), decode (one decode step of our
-engine vs transformers eager, and the bound), stack-1b / stack-8b / stack-tiny (the whole
-stack's throughput and latency, and the scheduler's iteration vs forward time), exactness
+Steps: env (versions, device), gpu-tests (`pytest -m "gpu or triton"`), decode (one decode
+step of our engine vs transformers eager, and the bound), stack-1b / stack-8b / stack-tiny (the
+whole stack's throughput and latency, and the scheduler's iteration vs forward time), exactness
 (float32 tiny model through preemption and swaps, compared with transformers), swap (the
 worker's swap path vs plain pinned copies), nccl (two pipeline stages over NCCL, two GPUs).
 """
@@ -100,12 +100,15 @@ def step_env(args: argparse.Namespace) -> Result:
 # -- gpu-tests
 
 
+GPU_MARKERS = ("gpu", "triton")  # CUDA-only tests, and the Triton kernels' (compiled there)
+
+
 def gpu_test_files() -> list[str]:
-    """Test files that use the gpu marker (collecting only these keeps the step fast)."""
+    """Test files that use those markers (collecting only these keeps the step fast)."""
     return sorted(
         str(path.relative_to(ROOT))
         for path in (ROOT / "tests").rglob("test_*.py")
-        if "mark.gpu" in path.read_text(errors="replace")
+        if any(f"mark.{m}" in path.read_text(errors="replace") for m in GPU_MARKERS)
     )
 
 
@@ -115,7 +118,8 @@ def step_gpu_tests(args: argparse.Namespace) -> Result:
         return {"status": "failed", "reason": "no test file uses the gpu marker", "summary": ""}
     with tempfile.TemporaryDirectory() as scratch:
         junit = Path(scratch) / "junit.xml"
-        argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+        argv = [sys.executable, "-m", "pytest", "-m", " or ".join(GPU_MARKERS), "-q"]
+        argv += ["-p", "no:cacheprovider"]
         argv += [f"--junitxml={junit}", *files]
         completed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         print(completed.stdout[-4000:], completed.stderr[-2000:], sep="\n")

@@ -136,6 +136,13 @@ PASSED: tuple[Passed, ...] = (
         choices=("auto", "cpu-kernel", "triton", "reference"),
     ),
     _row(
+        "--launch-ahead",
+        WORKER,
+        "launch a waiting command before collecting the previous one's tokens (auto: on CUDA)",
+        default="auto",
+        choices=("auto", "on", "off"),
+    ),
+    _row(
         "--cuda-graph-max-batch",
         WORKER,
         "on CUDA, decode steps of up to this many jobs replay CUDA graphs (0: never)",

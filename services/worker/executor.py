@@ -1,6 +1,13 @@
 """Executes worker commands against the model runner, and keeps the block ownership ledger
 and each job's sampling settings.
 
+A command runs in two halves: `launch` applies it and queues its step on the device (on a GPU
+the kernels run while the host goes on), `finish` waits for the sampled tokens and reports.
+`run` is both at once. The server launches command k+1 before finishing command k where the
+device runs asynchronously (CUDA), so the host prepares the next step while the GPU runs this
+one; a chunk `from_last_sample` then takes its token from the previous step's sampled ids on
+the device, which the host has not seen yet (async decoding, as vLLM's).
+
 The ledger is only a check: the scheduler owns allocation, and the worker refuses a step that
 would hand one block to two jobs instead of silently corrupting their KV. Sampling settings
 come once per job (with its first chunk after the worker last forgot it, see worker.proto) and
@@ -12,14 +19,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from services.common.sampling import SamplingParams, TokenLogprobs
 from services.worker.batch import SeqChunk
 from services.worker.command import Command, CommandResult, Free, Reset, Step, SwapDone
+from services.worker.host_to_device import to_device
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
-from services.worker.sampler import logprobs
+from services.worker.sampler import SamplingBatch, logprobs, sample_on_device
 from services.worker.swapper import Swapper
 
 log = logging.getLogger(__name__)
@@ -29,12 +40,19 @@ class CommandError(ValueError):
     """A command the worker cannot execute; the scheduler sees the message."""
 
 
-@dataclass(frozen=True, slots=True)
-class StepOutput:
-    tokens: list[tuple[str, int]]  # (job id, sampled token) for seqs that sampled (last stage)
-    forward_s: float  # this stage's compute, without the wait for the previous stage
+@dataclass(slots=True)
+class Launched:
+    """A command applied, its step queued on the device; `Executor.finish` completes it."""
+
+    started: float
+    busy_s: float = 0.0  # host time spent on it so far (launching)
+    forward_s: float = 0.0  # of which the step's, less `wait_s` (finish adds the wait for ids)
     wait_s: float = 0.0  # waiting for the previous stage's activations
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # jobs that asked
+    job_ids: list[str] = field(default_factory=list)  # jobs that sampled, in row order
+    ids: torch.Tensor | None = None  # their sampled token ids, on the device
+    logits: torch.Tensor | None = None  # a copy, when some row asked for logprobs
+    params: list[SamplingParams] = field(default_factory=list)
+    error: str = ""
 
 
 class Executor:
@@ -51,19 +69,22 @@ class Executor:
         self._holders: dict[int, set[str]] = {}  # block id -> jobs whose tables hold it
         self._blocks_of: dict[str, set[int]] = {}
         self._sampling: dict[str, SamplingParams] = {}  # job id -> its settings, once sent
-        self._last_sampled: dict[str, int] = {}  # job id -> the token the last step sampled
+        # The last step's sampled ids, on the device, and each job's row in them.
+        self._last_ids: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     @property
     def num_used_blocks(self) -> int:
         return len(self._holders)
 
     def run(self, command: Command) -> CommandResult:
-        """Applies one command: frees, swap-outs, swap-ins, then its action. A command that
-        fails (a malformed one names its field) comes back with `error` set; the swaps that
-        finished meanwhile are reported either way."""
-        started = time.perf_counter()
-        output = StepOutput(tokens=[], forward_s=0.0)
-        error = ""
+        """Applies one command and waits for its result (`launch` then `finish`)."""
+        return self.finish(self.launch(command))
+
+    def launch(self, command: Command) -> Launched:
+        """Applies one command: frees, swap-outs, swap-ins, then its action, a step queued on
+        the device. A command that fails (a malformed one names its field) gets `error` set."""
+        launched = Launched(started=time.perf_counter())
         try:
             self.free(command.free_first)
             for move in command.swap_out:
@@ -72,22 +93,45 @@ class Executor:
                 self.swap_in(move.job_id, move.block_ids)
             action = command.action
             if isinstance(action, Step):
-                output = self.step(action.seqs)
+                self._launch_step(action.seqs, launched)
             elif isinstance(action, Free):
                 self.free(action.job_ids)
             elif isinstance(action, Reset):
                 self.reset(action.pipeline_id)
         except ValueError as exc:  # CommandError among them: a malformed command
-            error = str(exc)
+            launched.error = str(exc)
         except Exception as exc:  # one bad command must not kill the worker
             log.exception("command failed")
-            error = f"internal error: {type(exc).__name__}: {exc}"
+            launched.error = f"internal error: {type(exc).__name__}: {exc}"
+        launched.busy_s = time.perf_counter() - launched.started
+        return launched
+
+    def finish(self, launched: Launched) -> CommandResult:
+        """Waits for a launched command's sampled tokens (one device-to-host copy) and reports
+        it with the swaps that finished meanwhile."""
+        started = time.perf_counter()
+        tokens: list[tuple[str, int]] = []
+        job_logprobs: dict[str, TokenLogprobs] = {}
+        error = launched.error
+        if launched.ids is not None and not error:
+            try:
+                sampled: list[int] = launched.ids.tolist()
+                tokens = list(zip(launched.job_ids, sampled, strict=True))
+                if launched.logits is not None:
+                    found = logprobs(launched.logits, sampled, launched.params)
+                    for job_id, lp in zip(launched.job_ids, found, strict=True):
+                        if lp is not None:
+                            job_logprobs[job_id] = lp
+            except Exception as exc:  # a failed kernel surfaces here, at the sync
+                log.exception("step failed")
+                error, tokens = f"internal error: {type(exc).__name__}: {exc}", []
+        finish_s = time.perf_counter() - started
         return CommandResult(
-            tokens=output.tokens,
-            logprobs=output.logprobs,
-            forward_s=output.forward_s,
-            wait_s=output.wait_s,
-            total_s=time.perf_counter() - started,
+            tokens=tokens,
+            logprobs=job_logprobs,
+            forward_s=launched.forward_s + (finish_s if launched.ids is not None else 0.0),
+            wait_s=launched.wait_s,
+            total_s=launched.busy_s + finish_s,
             swaps_done=self.poll_swaps(),
             num_swaps_in_flight=self.num_swaps_in_flight,
             num_used_blocks=self.num_used_blocks,
@@ -105,7 +149,7 @@ class Executor:
             self.swapper.forget(job_ids)
         for job_id in job_ids:
             self._sampling.pop(job_id, None)
-            self._last_sampled.pop(job_id, None)
+            self._last_rows.pop(job_id, None)
 
     def _release(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -169,72 +213,81 @@ class Executor:
         self._holders.clear()
         self._blocks_of.clear()
         self._sampling.clear()
-        self._last_sampled.clear()
+        self._last_rows.clear()
+        self._last_ids = None
         self.runner.reset()
         if self.stages is not None:
             self.stages.form(pipeline_id)
 
-    def step(self, seqs: Sequence[SeqChunk]) -> StepOutput:
+    def _launch_step(self, seqs: Sequence[SeqChunk], launched: Launched) -> None:
+        """This stage's share of a step (the whole model without pipeline stages): embed or
+        receive, run its layers, then send on or sample on the device. Every stage builds the
+        same step inputs from the same command."""
         if not seqs:
-            return StepOutput(tokens=[], forward_s=0.0)
-        seqs = self._fill_last_samples(seqs)
+            return
+        step_started = time.perf_counter()
+        try:
+            self._run_step(seqs, launched)
+        finally:
+            launched.forward_s = time.perf_counter() - step_started - launched.wait_s
+
+    def _run_step(self, seqs: Sequence[SeqChunk], launched: Launched) -> None:
+        fills = self._last_sample_rows(seqs)
         self._claim(seqs)
         self._take_sampling(seqs)
-        output = self._stage_step(seqs, self.stages)
-        self._last_sampled = dict(output.tokens)
-        return output
-
-    def _fill_last_samples(self, seqs: Sequence[SeqChunk]) -> list[SeqChunk]:
-        """Async decoding: a chunk `from_last_sample` runs the token this worker sampled for
-        its job in the previous step."""
-        filled = []
-        for seq in seqs:
-            if seq.from_last_sample:
-                if self.stages is not None:
-                    raise CommandError(
-                        f"seqs[{seq.job_id}].from_last_sample: only with one pipeline stage"
-                    )
-                token = self._last_sampled.get(seq.job_id)
-                if token is None:
-                    raise CommandError(
-                        f"seqs[{seq.job_id}].from_last_sample: the previous step sampled no "
-                        "token for this job"
-                    )
-                seq = replace(seq, token_ids=[token], from_last_sample=False)
-            filled.append(seq)
-        return filled
-
-    def _stage_step(self, seqs: Sequence[SeqChunk], stages: StageGroup | None) -> StepOutput:
-        """This stage's share of a step (the whole model when `stages` is None): embed or
-        receive, run its layers, then send on or sample. Every stage builds the same step
-        inputs from the same command."""
-        runner = self.runner
-        started = time.perf_counter()
+        runner, stages = self.runner, self.stages
         inputs = runner.prepare(seqs, self._sampling)
-        wait_s = 0.0
+        if fills:  # the previous step's ids, still on the device, into this step's tokens
+            assert self._last_ids is not None
+            index = to_device(np.array(fills, dtype=np.int64).T.copy(), runner.device)
+            inputs.token_ids[index[0]] = self._last_ids[index[1]].to(inputs.token_ids.dtype)
         hidden = None
         if stages is not None and not stages.is_first:
             waiting = time.perf_counter()
             hidden = stages.recv_previous(
                 inputs.num_rows, runner.hidden_size, runner.kv_cache.dtype
             )
-            wait_s = time.perf_counter() - waiting
+            launched.wait_s = time.perf_counter() - waiting
         out = runner.forward(inputs, hidden)
-        tokens: list[tuple[str, int]] = []
-        job_logprobs: dict[str, TokenLogprobs] = {}
+        self._last_ids, self._last_rows = None, {}  # until this step's ids exist
         if stages is not None and not stages.is_last:
             stages.send_next(out)
-        elif inputs.sample_seqs:
-            sampled = runner.sample(out, inputs)
-            job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
-            tokens = list(zip(job_ids, sampled, strict=True))
-            for job_id, lp in zip(
-                job_ids, logprobs(out, sampled, inputs.sample_params), strict=True
-            ):
-                if lp is not None:
-                    job_logprobs[job_id] = lp
-        forward_s = time.perf_counter() - started - wait_s
-        return StepOutput(tokens=tokens, forward_s=forward_s, wait_s=wait_s, logprobs=job_logprobs)
+            return
+        if not inputs.sample_seqs:
+            return
+        batch = SamplingBatch.build(
+            inputs.sample_params, inputs.sample_positions, out.shape[1], out.device
+        )
+        launched.ids = sample_on_device(out, batch)
+        launched.job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
+        launched.params = inputs.sample_params
+        if any(p.logprobs for p in inputs.sample_params):
+            launched.logits = out.clone()  # a graph's output is overwritten by the next step
+        self._last_ids = launched.ids
+        self._last_rows = {job_id: row for row, job_id in enumerate(launched.job_ids)}
+
+    def _last_sample_rows(self, seqs: Sequence[SeqChunk]) -> list[tuple[int, int]]:
+        """Async decoding: (row in this step, row in the last step's ids) of each chunk
+        `from_last_sample`, which runs the token this worker sampled for its job last step."""
+        fills = []
+        row = 0
+        for seq in seqs:
+            if seq.from_last_sample:
+                if self.stages is not None:
+                    raise CommandError(
+                        f"seqs[{seq.job_id}].from_last_sample: only with one pipeline stage"
+                    )
+                last_row = self._last_rows.get(seq.job_id)
+                if last_row is None or seq.num_tokens != 1:
+                    raise CommandError(
+                        f"seqs[{seq.job_id}].from_last_sample: the previous step sampled no "
+                        "token for this job"
+                        if last_row is None
+                        else f"seqs[{seq.job_id}].from_last_sample: a one-token chunk only"
+                    )
+                fills.append((row, last_row))
+            row += seq.num_tokens
+        return fills
 
     def _claim(self, seqs: Sequence[SeqChunk]) -> None:
         block_size = self.runner.block_size

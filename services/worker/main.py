@@ -81,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="context (tokens) the graphs' block tables cover; longer jobs' steps run eagerly",
     )
+    add_flag(
+        parser,
+        "--launch-ahead",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="launch a waiting command before collecting the previous one's tokens (auto: on "
+        "CUDA, where the host then prepares a step while the GPU runs the one before)",
+    )
     add_flag(parser, "--block-size", type=int, default=16, help="tokens per KV block")
     add_flag(parser, "--num-blocks", type=int, default=0, help="KV blocks (0: from --kv-bytes)")
     add_flag(parser, "--kv-bytes", type=int, default=1 << 30, help="KV pool size in bytes")
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
         metrics.registry, args.host, args.metrics_port, f"worker stage {args.stage_index}"
     )
     server, health = build_server([SERVICE_NAME], max_workers=8, reuse_port=args.reuse_port)
-    servicer = DrainingServicer(executor, info, observer=metrics.observe)
+    overlap = {"auto": None, "on": True, "off": False}[args.launch_ahead]
+    servicer = DrainingServicer(executor, info, observer=metrics.observe, overlap=overlap)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = bind(server, f"{args.host}:{args.port}")
     server.start()

@@ -28,6 +28,7 @@ from services.worker import native
 from services.worker.attention import AttentionMetadata, PagedAttention
 from services.worker.batch import SeqChunk
 from services.worker.cuda_graphs import DecodeGraphs
+from services.worker.host_to_device import to_device
 from services.worker.kv_cache import KVCache
 from services.worker.models.llama import LayerOps, LlamaForServing, head_dim, num_kv_heads
 from services.worker.models.loader import from_hf
@@ -236,7 +237,7 @@ class ModelRunner:
         if bucket is not None:
             return self._prepare_in_bucket(seqs, held, bucket)
         buffer, sizes = self._pack(seqs, num_padded=len(seqs), width=None)
-        device_buffer = torch.from_numpy(buffer).to(self.device, non_blocking=True)
+        device_buffer = to_device(buffer, self.device)
         return self._inputs(seqs, held, device_buffer, sizes, bucket=None)
 
     def _prepare_in_bucket(
@@ -245,7 +246,7 @@ class ModelRunner:
         assert self.graphs is not None
         buffer, sizes = self._pack(seqs, num_padded=bucket, width=self.graphs.width)
         static = self.graphs.buckets[bucket].buffer
-        static.copy_(torch.from_numpy(buffer), non_blocking=True)
+        to_device(buffer, self.device, out=static)
         return self._inputs(seqs, held, static, sizes, bucket=bucket)
 
     def _pack(

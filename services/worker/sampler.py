@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from services.common.sampling import SamplingParams, TokenLogprobs
+from services.worker.host_to_device import to_device
 
 _MASK_64 = (1 << 64) - 1
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # odd constant, spreads seeds apart before adding the position
@@ -172,7 +173,7 @@ class SamplingBatch:
             fresh = torch.randint(_INT64_MIN, _INT64_MAX, (len(unseeded),), dtype=torch.int64)
             host[_KEY, unseeded] = fresh.numpy()
         return SamplingBatch(
-            packed=torch.from_numpy(host).to(device, non_blocking=True),
+            packed=to_device(host, device),
             num_random=len(random),
             num_filter=len(filtering),
             max_top_k=max(top_k[: len(filtering)], default=vocab_size),

@@ -1,12 +1,15 @@
-"""The worker's gRPC edge: Info and the Run command stream. It only converts protobuf to and
-from the command dataclasses (services/worker/command.py); Executor.run applies them."""
+"""The worker's gRPC edge: Info and the Run command stream. It converts protobuf to and from the
+command dataclasses (services/worker/command.py), which the Executor applies, and keeps the GPU
+busy across commands: where the device runs asynchronously, the next command is launched before
+this one's result is collected, when the scheduler has already sent it."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastserve.common.v1 import sampling_pb2 as cpb
 from fastserve.worker.v1 import worker_pb2 as wpb
@@ -15,7 +18,7 @@ from services.common.sampling import SamplingError, TokenLogprobs
 from services.common.sampling_pb import sampling_from_pb
 from services.worker.batch import SeqChunk
 from services.worker.command import BlockMove, Command, CommandResult, Free, Reset, Step
-from services.worker.executor import CommandError, Executor
+from services.worker.executor import CommandError, Executor, Launched
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +104,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         executor: Executor,
         info: wpb.InfoResponse,
         observer: Callable[[wpb.Result], None] | None = None,
+        *,
+        overlap: bool | None = None,
     ) -> None:
+        """`overlap`: launch a command that is already waiting before collecting the result of
+        the one before (default: on CUDA, where launching returns before the GPU is done; on
+        CPU a launch computes the whole step, and the earlier result would wait for it)."""
         self._executor = executor
         self._info = info
         self._observer = observer  # sees every result (the metrics port)
+        if overlap is None:
+            overlap = executor.runner.device.type == "cuda"
+        self._overlap = overlap
         # One command at a time, whatever the stream: a scheduler that reconnects opens a new
         # stream while the old one may still be finishing a command.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # Run holds it over a launch and its finish
 
     def Info(self, request, context):
         return self._info
@@ -115,22 +126,65 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def Run(self, request_iterator, context):
         # Commands arrive in order on one stream and are executed in order; the model forward
         # runs here because there is nothing else for this stage to do meanwhile.
-        for command in request_iterator:
-            with self._lock:
-                result = self._execute(command)
-            yield result
+        if not self._overlap:
+            for command in request_iterator:
+                with self._lock:
+                    result = self._finish(*self._launch(command))
+                yield result
+            return
+        # Command k + 1 is launched (its step queued behind step k on the GPU) before step k's
+        # tokens are waited for, if it has arrived; results still go out in order.
+        commands = _read_ahead(request_iterator)
+        pending: tuple[wpb.Command, Launched, float] | None = None
+        while True:
+            try:
+                command = commands.get_nowait() if pending is not None else commands.get()
+            except queue.Empty:  # nothing to launch meanwhile: collect the pending result
+                assert pending is not None
+                yield self._finish(*pending)
+                pending = None
+                continue
+            if command is None:  # the stream ended
+                if pending is not None:
+                    yield self._finish(*pending)
+                return
+            launched = self._launch(command)
+            if pending is not None:
+                yield self._finish(*pending)
+            pending = launched
 
-    def _execute(self, command: wpb.Command) -> wpb.Result:
+    def _launch(self, command: wpb.Command) -> tuple[wpb.Command, Launched, float]:
         started = time.perf_counter()
         try:
-            error = ""
             parsed = command_from_pb(command)
         except ValueError as exc:  # malformed: nothing is applied, the worker's state reported
-            error, parsed = str(exc), Command()
-        result = result_to_pb(self._executor.run(parsed), command.command_id)
-        if error:
-            result.error = error
+            launched = Launched(started=started, error=str(exc))
+        else:
+            with self._lock:
+                launched = self._executor.launch(parsed)
+        return command, launched, started
+
+    def _finish(self, command: wpb.Command, launched: Launched, started: float) -> wpb.Result:
+        with self._lock:
+            result = result_to_pb(self._executor.finish(launched), command.command_id)
         result.total_us = int((time.perf_counter() - started) * 1e6)
         if self._observer:
             self._observer(result)
         return result
+
+
+def _read_ahead(request_iterator: Iterator[wpb.Command]) -> queue.Queue[wpb.Command | None]:
+    """The stream's commands as they arrive, read by a thread; None once it ends."""
+    commands: queue.Queue[wpb.Command | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for command in request_iterator:
+                commands.put(command)
+        except Exception as exc:  # the stream was cancelled or broke: it ends here
+            log.debug("command stream ended: %s", exc)
+        finally:
+            commands.put(None)
+
+    threading.Thread(target=read, name="command-reader", daemon=True).start()
+    return commands

@@ -236,6 +236,10 @@ class Swapper:
 
     def _copy_to_device(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         assert self._copy_stream is not None
+        # After everything the compute stream has queued so far: a swap-out of the same
+        # command may still be gathering these blocks (they were freed and handed to this job),
+        # and the gather must read them before this copy overwrites them.
+        self._copy_stream.wait_stream(torch.cuda.default_stream(self.cache.device))
         with torch.cuda.stream(self._copy_stream):
             self.cache.write_blocks(block_ids, blocks.to(self.cache.device, non_blocking=True))
             event = torch.cuda.Event()

@@ -17,10 +17,23 @@ from testing.stack import Stack
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_greedy_outputs_are_exact_under_preemption(tiny_model_dir, tiny_hf_model, tiny_tokenizer):
+# "on": the worker launches a waiting command before collecting the previous one's tokens, as
+# it does on CUDA (off by default on CPU, where it would only delay results).
+@pytest.mark.parametrize("launch_ahead", ["auto", "on"])
+def test_greedy_outputs_are_exact_under_preemption(
+    tiny_model_dir, tiny_hf_model, tiny_tokenizer, launch_ahead
+):
     # Batch cap 2, 12 concurrent jobs of mixed lengths, and a block pool small enough that
     # some preempted jobs also lose their blocks and are recomputed.
-    stack = Stack.start(tiny_model_dir, "--max-batch-size", "2", "--num-blocks", "24")
+    stack = Stack.start(
+        tiny_model_dir,
+        "--max-batch-size",
+        "2",
+        "--num-blocks",
+        "24",
+        "--launch-ahead",
+        launch_ahead,
+    )
     try:
         prompts = [f"Job {i}: " + "tell me something interesting " * (1 + i % 5) for i in range(12)]
         lengths = [6 + 7 * (i % 4) for i in range(12)]

@@ -15,6 +15,7 @@ from services.common.sampling import GREEDY
 from services.frontend.tokenizer import encode_prompt
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.batch import SeqChunk
+from services.worker.command import Command, Step
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageDeviceError, StageGroup, first_shared_device
@@ -108,8 +109,8 @@ def test_a_stage_sheds_the_weights_it_never_runs(tiny_hf_model):
 def test_a_step_before_the_group_is_formed_is_refused(tiny_hf_model):
     executors = make_stages(tiny_hf_model, [2, 2], num_blocks=4, block_size=16)
     chunk = SeqChunk("j", [5, 6], 0, [0], True, GREEDY)
-    with pytest.raises(RuntimeError, match="not formed"):
-        executors[0].step([chunk])
+    refused = executors[0].run(Command(action=Step([chunk])))
+    assert "not formed" in refused.error and not refused.tokens
 
 
 def test_two_stages_on_one_device_are_refused_with_nccl_saying_why():

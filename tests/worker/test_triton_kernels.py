@@ -17,6 +17,8 @@ from services.worker.models.ops import TorchOps
 from testing.tiny_model import tiny_llama_config
 from tests.worker.test_attention import CASES, make_step
 
+pytestmark = pytest.mark.triton  # make gpu-check runs these on the GPU
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
