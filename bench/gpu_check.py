@@ -42,7 +42,7 @@ DEFAULT_BUDGET_S = 470.0
 # name, title, limit in seconds (GPU); CPU runs use the same limits.
 GPU_STEPS: list[tuple[str, str, float]] = [
     ("env", "environment", 45),
-    ("gpu-tests", "gpu-marked tests (`pytest -m gpu`)", 60),
+    ("gpu-tests", 'GPU and Triton kernel tests (`pytest -m "gpu or triton"`)', 90),
     ("decode", "one decode step: ours, transformers eager, bound", 120),
     ("stack-1b", "whole stack, 1B shape, 64 concurrent x 128 tokens", 100),
     ("stack-8b", "whole stack, 8B shape, 16 concurrent x 128 tokens", 100),

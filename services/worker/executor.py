@@ -262,7 +262,8 @@ class Executor:
         launched.job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
         launched.params = inputs.sample_params
         if any(p.logprobs for p in inputs.sample_params):
-            launched.logits = out.clone()  # a graph's output is overwritten by the next step
+            # a graph's output is overwritten by its next replay, which may come first
+            launched.logits = out.clone() if inputs.bucket is not None else out
         self._last_ids = launched.ids
         self._last_rows = {job_id: row for row, job_id in enumerate(launched.job_ids)}
 

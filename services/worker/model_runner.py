@@ -200,11 +200,15 @@ class ModelRunner:
         """This runner's share of a step: embed the tokens (first stage) or take the previous
         stage's `hidden` [num_rows, hidden], run the layers, then return the float32 logits of
         the sampled rows [S, vocab] (last stage, when any samples) or the hidden states
-        [num_rows, hidden]. From a CUDA graph where the step has a bucket."""
+        [num_rows, hidden]. From a CUDA graph where the step has a bucket: the logits are a
+        view of the graph's output, which its next replay overwrites (read them first); hidden
+        states come as a copy, since sending them to the next stage may still be reading them
+        when the next step replays."""
         if inputs.bucket is not None:
             assert self.graphs is not None
             out = self.graphs.run(inputs.bucket, inputs, hidden, self._forward_eager)
-            return out[: inputs.num_rows]
+            out = out[: inputs.num_rows]
+            return out if self.is_last_stage else out.clone()
         return self._forward_eager(inputs, hidden)
 
     def _forward_eager(self, inputs: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:

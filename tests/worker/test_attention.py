@@ -45,17 +45,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("window", [None, 1, 6, 29])
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size"),
+# Head layouts and block sizes every kernel is checked on: GQA 3 and 4, MHA; head dims 64, 32, 80.
+SHAPES = pytest.mark.parametrize(
+    "shape",
     [(9, 3, 64, 16), (4, 4, 32, 5), (8, 2, 80, 1)],
     ids=["gqa3-d64-bs16", "mha-d32-bs5", "gqa4-d80-bs1"],
 )
-def test_kernel_matches_reference(case, window, heads, kv_heads, head_dim, block_size):
-    kernel = cpu_kernel.load()
-    assert kernel is not None, "the CPU kernel must build where the tests run"
-    query, keys, values, meta = make_step(
+
+
+def float32_step(case: str, shape: tuple[int, int, int, int]):
+    heads, kv_heads, head_dim, block_size = shape
+    return make_step(
         **CASES[case],
         heads=heads,
         kv_heads=kv_heads,
@@ -63,6 +63,15 @@ def test_kernel_matches_reference(case, window, heads, kv_heads, head_dim, block
         block_size=block_size,
         dtype=torch.float32,
     )
+
+
+@pytest.mark.parametrize("window", [None, 1, 6, 29])
+@pytest.mark.parametrize("case", sorted(CASES))
+@SHAPES
+def test_kernel_matches_reference(case, window, shape):
+    kernel = cpu_kernel.load()
+    assert kernel is not None, "the CPU kernel must build where the tests run"
+    query, keys, values, meta = float32_step(case, shape)
     expected = reference_attention(query, keys, values, meta, scale=0.1, window=window)
     got = kernel(kernel.plan(meta), query, keys, values, scale=0.1, window=window)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)

@@ -15,7 +15,7 @@ from services.worker.kernels import paged_attention as triton_attention
 from services.worker.models.layers import RMSNorm, RotaryTable
 from services.worker.models.ops import TorchOps
 from testing.tiny_model import tiny_llama_config
-from tests.worker.test_attention import CASES, make_step
+from tests.worker.test_attention import CASES, SHAPES, float32_step, make_step
 
 pytestmark = pytest.mark.triton  # make gpu-check runs these on the GPU
 
@@ -45,20 +45,9 @@ def _meta_on_device(meta):
 
 @pytest.mark.parametrize("window", [None, 1, 6])
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size"),
-    [(9, 3, 64, 16), (4, 4, 32, 5), (8, 2, 80, 1)],
-    ids=["gqa3-d64-bs16", "mha-d32-bs5", "gqa4-d80-bs1"],
-)
-def test_attention_matches_reference(case, window, heads, kv_heads, head_dim, block_size):
-    query, keys, values, meta = make_step(
-        **CASES[case],
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        block_size=block_size,
-        dtype=torch.float32,
-    )
+@SHAPES
+def test_attention_matches_reference(case, window, shape):
+    query, keys, values, meta = float32_step(case, shape)
     expected = reference_attention(query, keys, values, meta, scale=0.1, window=window)
     query, keys, values = _on_device(query, keys, values)
     got = _attention(query, keys, values, _meta_on_device(meta), window)
