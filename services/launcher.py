@@ -203,6 +203,11 @@ def plan(args: argparse.Namespace, ports: PortReservations) -> list[Child]:
             ]  # fmt: skip
         stage_flags[0] += ["--rendezvous-fd", str(store.fileno())]
     devices = stage_devices(args.device, args.stages)
+    if args.device != "cpu" and args.cuda_graph_max_batch is None:
+        # A decode step holds at most the scheduler's batch: no graph for more is ever replayed
+        # (and each one captured costs start-up time).
+        for flags in stage_flags:
+            flags += ["--cuda-graph-max-batch", str(args.max_batch_size)]
     if args.device == "cpu":
         for flags, (threads, cpus) in zip(
             stage_flags, cpu_plan(available_cpus(), args.stages, args.worker_threads), strict=True

@@ -145,9 +145,9 @@ PASSED: tuple[Passed, ...] = (
     _row(
         "--cuda-graph-max-batch",
         WORKER,
-        "on CUDA, decode steps of up to this many jobs replay CUDA graphs (0: never)",
+        "on CUDA, decode steps of up to this many jobs replay CUDA graphs (0: never; default: "
+        "--max-batch-size, the most a decode step can hold)",
         type=int,
-        default=64,
     ),
     _row(
         "--cuda-graph-max-len",

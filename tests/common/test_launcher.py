@@ -191,3 +191,19 @@ def test_each_stage_gets_its_own_gpu_unless_told_otherwise():
     children = planned("--stages", "2", "--device", "cuda")
     devices = [children[f"worker{i}"].argv for i in range(2)]
     assert [argv[argv.index("--device") + 1] for argv in devices] == ["cuda:0", "cuda:1"]
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_cuda_workers_capture_graphs_up_to_the_schedulers_batch():
+    """A decode step holds at most --max-batch-size jobs, so by default the workers capture
+    graphs up to that; an explicit --cuda-graph-max-batch wins, and CPU workers get none."""
+    argv = planned("--device", "cuda", "--max-batch-size", "24")["worker"].argv
+    assert _flag_values(argv, "--cuda-graph-max-batch") == ["24"]
+    argv = planned("--device", "cuda")["worker"].argv
+    assert _flag_values(argv, "--cuda-graph-max-batch") == ["16"]  # up's default batch
+    explicit = planned("--device", "cuda", "--cuda-graph-max-batch", "0")["worker"].argv
+    assert _flag_values(explicit, "--cuda-graph-max-batch") == ["0"]
+    assert "--cuda-graph-max-batch" not in planned()["worker"].argv

@@ -138,10 +138,14 @@ def test_gpu_values_request_gpus(docs, scenario):
         if name == "worker" and gpu:
             assert limits["nvidia.com/gpu"] == 1
             assert flag(ctr["args"], "--device") == "cuda"
+            max_batch = merged_values(scenario)["scheduler"]["maxBatchSize"]
+            assert int(flag(ctr["args"], "--cuda-graph-max-batch")) == max_batch
         else:
             assert "nvidia.com/gpu" not in limits, name
     if not gpu:
-        assert flag(fastserve_containers(docs)["worker"]["args"], "--device") == "cpu"
+        worker_args = fastserve_containers(docs)["worker"]["args"]
+        assert flag(worker_args, "--device") == "cpu"
+        assert "--cuda-graph-max-batch" not in worker_args
 
 
 def test_redis_values_wire_the_kvstore_backend(docs, scenario):
