@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from bench.gpu_check_common import Result
 
@@ -23,7 +24,7 @@ def run_two_stages(devices: list[str], backend: str) -> Result:
     from services.worker.model_runner import ModelRunner
     from services.worker.pipeline import StageGroup
     from services.worker.stage_layout import split_layers
-    from testing.local_pipeline import LocalPipeline
+    from testing.local_pipeline import LocalPipeline, run_to_end
     from testing.oracle import assert_greedy_matches, hf_greedy
     from testing.shuffling_policy import ShufflingPolicy
     from testing.stack import free_port
@@ -57,15 +58,14 @@ def run_two_stages(devices: list[str], backend: str) -> Result:
         job = Job(f"j{i}", encode_prompt(tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
         jobs.append(job)
         core.add_job(job)
-    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
     iterations = 0
+
+    def count(decision: Any, result: Any) -> None:
+        nonlocal iterations
+        iterations += 1
+
     try:
-        while core.has_work():
-            decision = core.schedule()
-            result = pipeline.execute(decision)
-            iterations += 1
-            for event in core.update(decision, result.tokens):
-                outputs[event.job_id].extend(event.token_ids)
+        outputs = run_to_end(core, pipeline, count)
     finally:
         pipeline.close()
     elapsed = time.perf_counter() - started
@@ -73,7 +73,7 @@ def run_two_stages(devices: list[str], backend: str) -> Result:
     for job in jobs:
         ref = hf_greedy(reference, job.prompt_token_ids, job.max_tokens)
         try:
-            assert_greedy_matches(reference, job.prompt_token_ids, outputs[job.job_id], ref)
+            assert_greedy_matches(reference, job.prompt_token_ids, outputs.get(job.job_id, []), ref)
         except AssertionError as error:
             mismatches.append(str(error).splitlines()[0])
     return {

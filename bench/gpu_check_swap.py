@@ -5,14 +5,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 from bench.gpu_check_common import BLOCK_SIZE, Result, cuda_mode, sync
+
+
+def timed_swap(swapper: Any, start: Any, job: str, blocks: list[int]) -> float:
+    """Seconds from starting a swap (`swapper.swap_out` or `swap_in`) to its reported end."""
+    from bench.swap_bandwidth import wait
+
+    started = time.perf_counter()
+    start(job, blocks)
+    (done,) = wait(swapper)
+    if not done.ok:
+        raise RuntimeError(f"{start.__name__} failed: {done.error}")
+    return time.perf_counter() - started
 
 
 def step_swap(args: argparse.Namespace) -> Result:
     import torch
 
-    from bench.swap_bandwidth import wait
     from services.worker.kv_cache import KVCache
     from services.worker.swapper import Swapper
     from testing.kvstore_process import start_kvstore, stop_kvstore
@@ -47,18 +59,8 @@ def step_swap(args: argparse.Namespace) -> Result:
             outs, ins, copy_out, copy_in = [], [], [], []
             for r in range(rounds + 1):  # the first round warms up
                 job = f"check-{size}-{r}"
-                started = time.perf_counter()
-                swapper.swap_out(job, src)
-                (done,) = wait(swapper)
-                if not done.ok:
-                    raise RuntimeError(f"swap-out failed: {done.error}")
-                out_s = time.perf_counter() - started
-                started = time.perf_counter()
-                swapper.swap_in(job, dst)
-                (done,) = wait(swapper)
-                if not done.ok:
-                    raise RuntimeError(f"swap-in failed: {done.error}")
-                in_s = time.perf_counter() - started
+                out_s = timed_swap(swapper, swapper.swap_out, job, src)
+                in_s = timed_swap(swapper, swapper.swap_in, job, dst)
                 if not torch.equal(cache.data[dst], cache.data[src]):
                     raise RuntimeError("swapped-in blocks differ from the swapped-out ones")
                 # Plain copies of the same bytes: the pool's first n blocks (contiguous) to and

@@ -10,14 +10,15 @@ as the worker processes do (their StageGroups share one rendezvous address).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from services.common.model_source import max_model_len
-from services.scheduler.core import Decision, SwapResult
+from services.scheduler.core import Decision, SchedulerCore, SwapResult
 from services.scheduler.pipeline import Pipeline, StageJoin, StageResult, StageTally, StepResult
 from services.scheduler.worker_link import WorkerError, WorkerInfo
 from services.worker.batch import SeqChunk
@@ -183,3 +184,27 @@ class LocalPipeline:
         while self._in_flight:
             for future in self._in_flight.popleft():
                 future.result()
+
+
+def run_to_end(
+    core: SchedulerCore,
+    pipeline: LocalPipeline,
+    on_step: Callable[[Decision, StepResult], None] | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, list[int]]:
+    """Schedules and executes until the core has no work (decisions one at a time, finished
+    swaps passed back); returns each job's output tokens. `on_step` sees every step."""
+    outputs: dict[str, list[int]] = {}
+    deadline = time.monotonic() + timeout_s
+    while core.has_work():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the core still had work after {timeout_s} s")
+        decision = core.schedule()
+        if decision.is_empty:
+            time.sleep(0.002)  # waiting for swaps; an empty decision still reports them
+        result = pipeline.execute(decision)
+        if on_step is not None:
+            on_step(decision, result)
+        for event in core.update(decision, result.tokens, result.swaps_done):
+            outputs.setdefault(event.job_id, []).extend(event.token_ids)
+    return outputs

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -95,16 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     args = parser.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from services.worker.kernels import interpreting, jit  # imports no triton yet
+
+    if interpreting():
         print("TRITON_INTERPRET is set: nothing would be compiled", file=sys.stderr)
         return 2
-    # Imported first, so that services.worker.kernels finds it loaded in compiled mode (without
-    # CUDA it would otherwise choose the interpreter).
+    # Imported before the kernel modules, which would otherwise choose the interpreter for a
+    # machine without CUDA.
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from services.worker.kernels import jit
 
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0

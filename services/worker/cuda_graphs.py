@@ -20,6 +20,7 @@ the padding and the buffers are checked on CPU; only the recording itself needs 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,6 @@ class _Bucket:
     hidden_in: torch.Tensor | None  # a later stage's input activations
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     out: torch.Tensor | None = None  # what the captured step returns (logits or hidden)
-    inputs: Any = None  # the StepInputs over `buffer` the graph was captured with
 
 
 class DecodeGraphs:
@@ -106,29 +106,27 @@ class DecodeGraphs:
     def capture(self, inputs_for: Callable[[int], Any], forward: Callable[[Any, Any], Any]) -> None:
         """Records `forward(inputs, hidden_in)` for every bucket, largest first (they share one
         memory pool), after warm-up runs that compile kernels and pick matmul algorithms.
-        `inputs_for(size)` writes a padding-only step into the bucket's buffer."""
-        import time
-
+        `inputs_for(size)` writes a padding-only step into the bucket's buffer. Without
+        capture (CPU), nothing to do: each step runs eagerly on its bucket's buffers."""
+        if not self.capture_enabled:
+            return
         started = time.perf_counter()
         for size in reversed(self.sizes):
             bucket = self.buckets[size]
-            bucket.inputs = inputs_for(size)
-            if not self.capture_enabled:
-                continue
+            inputs = inputs_for(size)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    forward(bucket.inputs, bucket.hidden_in)
+                    forward(inputs, bucket.hidden_in)
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                bucket.out = forward(bucket.inputs, bucket.hidden_in)
+                bucket.out = forward(inputs, bucket.hidden_in)
             bucket.graph = graph
-        if self.capture_enabled:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - started
 
     def run(
@@ -145,8 +143,9 @@ class DecodeGraphs:
         if hidden_in is not None:
             if bucket.hidden_in is None:
                 raise ValueError("this stage embeds its own tokens: no hidden states in")
+            # the padding rows keep whatever earlier steps left: finite, and nothing reads
+            # what they compute
             bucket.hidden_in[: hidden_in.shape[0]].copy_(hidden_in)
-            bucket.hidden_in[hidden_in.shape[0] :].zero_()
         self.num_replays += 1
         if bucket.graph is None:
             return forward(inputs, bucket.hidden_in)

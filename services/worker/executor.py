@@ -30,7 +30,7 @@ from services.worker.command import Command, CommandResult, Free, Reset, Step, S
 from services.worker.host_to_device import to_device
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageGroup
-from services.worker.sampler import SamplingBatch, logprobs, sample_on_device
+from services.worker.sampler import logprobs, sample_ids
 from services.worker.swapper import Swapper
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,7 @@ class Executor:
             return
         if not inputs.sample_seqs:
             return
-        batch = SamplingBatch.build(
-            inputs.sample_params, inputs.sample_positions, out.shape[1], out.device
-        )
-        launched.ids = sample_on_device(out, batch)
+        launched.ids = sample_ids(out, inputs.sample_params, inputs.sample_positions)
         launched.job_ids = [seqs[i].job_id for i in inputs.sample_seqs]
         launched.params = inputs.sample_params
         if any(p.logprobs for p in inputs.sample_params):

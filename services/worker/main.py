@@ -174,7 +174,16 @@ def configure_threads(threads: int, cpus: str) -> None:
     log.info("compute threads: %d on CPUs %s", torch.get_num_threads(), cpus or "all")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses settings no worker can run with, naming the flag."""
+    for flag in ("--cuda-graph-max-batch", "--cuda-graph-max-len"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 0:
+            raise SystemExit(f"worker: {flag} must be >= 0, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     setup_logging("worker", args.log_level)
     configure_threads(args.threads, args.cpus)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

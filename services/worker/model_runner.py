@@ -137,7 +137,8 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             max_batch=max_batch,
             width=width,
-            buffer_size=lambda size: _buffer_size(size, size, size, width),
+            # tokens, positions, slots [size each], sampled rows, starts, lengths, tables
+            buffer_size=lambda size: 7 * size + 1 + size * width,
             hidden_size=self.hidden_size,
             dtype=self.model.dtype,
             device=self.device,
@@ -148,7 +149,7 @@ class ModelRunner:
 
         def padding_only(size: int) -> StepInputs:
             seqs = [SeqChunk(f"pad-{i}", [0], 0, [scratch], True) for i in range(size)]
-            return self._prepare_in_bucket(seqs, None, size)
+            return self._build(seqs, None, bucket=size)
 
         with torch.inference_mode():
             self.graphs.capture(padding_only, self._forward_eager)
@@ -238,42 +239,39 @@ class ModelRunner:
             if min(table) < 0 or max(table) >= self.num_blocks:
                 raise ValueError(f"job {seq.job_id}: block id out of [0, {self.num_blocks})")
         bucket = self.graphs.bucket_for(list(seqs), self.block_size) if self.graphs else None
-        if bucket is not None:
-            return self._prepare_in_bucket(seqs, held, bucket)
-        buffer, sizes = self._pack(seqs, num_padded=len(seqs), width=None)
-        device_buffer = to_device(buffer, self.device)
-        return self._inputs(seqs, held, device_buffer, sizes, bucket=None)
+        return self._build(seqs, held, bucket=bucket)
 
-    def _prepare_in_bucket(
-        self, seqs: Sequence[SeqChunk], held: Mapping[str, SamplingParams] | None, bucket: int
+    def _build(
+        self,
+        seqs: Sequence[SeqChunk],
+        held: Mapping[str, SamplingParams] | None,
+        *,
+        bucket: int | None,
     ) -> StepInputs:
-        assert self.graphs is not None
-        buffer, sizes = self._pack(seqs, num_padded=bucket, width=self.graphs.width)
-        static = self.graphs.buckets[bucket].buffer
-        to_device(buffer, self.device, out=static)
-        return self._inputs(seqs, held, static, sizes, bucket=bucket)
-
-    def _pack(
-        self, seqs: Sequence[SeqChunk], *, num_padded: int, width: int | None
-    ) -> tuple[np.ndarray, list[int]]:
-        """The step's int32 buffer: tokens, positions, slot blocks, slot offsets [T each],
-        sampled rows [S], query starts [n + 1], context lengths [n], block tables [n, width].
-        With `num_padded` > len(seqs), one-token rows on the scratch block fill the step up
-        (a graph bucket's fixed layout; all of a bucket's rows sample)."""
+        """Packs the step into one int32 buffer on the host: tokens, positions, slot blocks,
+        slot offsets [T each], sampled rows [S], query starts [n + 1], context lengths [n],
+        block tables [n, width]; copies it to the device (into the graph bucket's static buffer
+        when `bucket` is set) and returns StepInputs as views of it. In a bucket, one-token rows
+        on the scratch block fill the step up to the bucket's size and the tables are the
+        graphs' width (the bucket's fixed layout; all of its rows sample)."""
         block_size = self.block_size
-        num_pad = num_padded - len(seqs)
+        num_pad = 0 if bucket is None else bucket - len(seqs)
+        num_seqs = len(seqs) + num_pad
         query_lens = [seq.num_tokens for seq in seqs] + [1] * num_pad
         seq_lens = [seq.end_pos for seq in seqs] + [1] * num_pad
-        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample] + list(
-            range(len(seqs), num_padded)
-        )
+        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample]
+        sampled_rows = sample_seqs + list(range(len(seqs), num_seqs))
         tables = [seq.block_ids[: -(-seq.end_pos // block_size)] for seq in seqs]
-        width = width or max(len(t) for t in tables)
-        num_seqs = num_padded
-        num_rows = sum(query_lens)
+        static = None
+        if bucket is None:
+            width = max(len(t) for t in tables)
+        else:
+            assert self.graphs is not None
+            width, static = self.graphs.width, self.graphs.buckets[bucket].buffer
         query_start = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-        sizes = _sizes(num_rows, len(sample_seqs), num_seqs, width)
+        sizes = [int(query_start[-1])] * 4 + [len(sampled_rows), num_seqs + 1, num_seqs]
+        sizes.append(num_seqs * width)
         buffer = np.zeros(sum(sizes), dtype=np.int32)
         parts = np.split(buffer, np.cumsum(sizes)[:-1])
         tokens, positions, slot_blocks, slot_offsets, sample_rows, starts, lens, flat = parts
@@ -289,30 +287,15 @@ class ModelRunner:
         row_seq = np.repeat(np.arange(num_seqs), query_lens)
         slot_blocks[:] = block_tables[row_seq, positions // block_size]
         slot_offsets[:] = positions % block_size
-        sample_rows[:] = query_start[1:][sample_seqs] - 1
+        sample_rows[:] = query_start[1:][sampled_rows] - 1
         starts[:] = query_start
         lens[:] = seq_lens
-        return buffer, sizes
 
-    def _inputs(
-        self,
-        seqs: Sequence[SeqChunk],
-        held: Mapping[str, SamplingParams] | None,
-        device_buffer: torch.Tensor,
-        sizes: list[int],
-        *,
-        bucket: int | None,
-    ) -> StepInputs:
-        """StepInputs as views of the step's buffer on the device (`_pack`'s layout)."""
-        views = device_buffer.split(sizes)
-        num_seqs = views[6].shape[0]
-        query_lens = [seq.num_tokens for seq in seqs] + [1] * (num_seqs - len(seqs))
-        seq_lens = [seq.end_pos for seq in seqs] + [1] * (num_seqs - len(seqs))
-        sample_seqs = [i for i, seq in enumerate(seqs) if seq.sample]
+        views = to_device(buffer, self.device, out=static).split(sizes)
         meta = AttentionMetadata(
             query_start=views[5],
             seq_lens=views[6],
-            block_tables=views[7].view(num_seqs, -1),
+            block_tables=views[7].view(num_seqs, width),
             slot_blocks=views[2],
             slot_offsets=views[3],
             query_lens_host=tuple(query_lens),
@@ -326,7 +309,7 @@ class ModelRunner:
             sample_params=[_sampling_of(seqs[i], held) for i in sample_seqs],
             sample_positions=[seqs[i].end_pos for i in sample_seqs],
             sample_seqs=sample_seqs,
-            num_rows=sum(seq.num_tokens for seq in seqs),
+            num_rows=sum(query_lens[: len(seqs)]),
             bucket=bucket,
         )
 
@@ -351,15 +334,6 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, inputs: StepInputs) -> list[int]:
         return sample(logits, inputs.sample_params, inputs.sample_positions)
-
-
-def _sizes(num_rows: int, num_sampled: int, num_seqs: int, width: int) -> list[int]:
-    """The parts of a step's int32 buffer, in order (ModelRunner._pack)."""
-    return [num_rows] * 4 + [num_sampled, num_seqs + 1, num_seqs, num_seqs * width]
-
-
-def _buffer_size(num_rows: int, num_sampled: int, num_seqs: int, width: int) -> int:
-    return sum(_sizes(num_rows, num_sampled, num_seqs, width))
 
 
 def _sampling_of(seq: SeqChunk, held: Mapping[str, SamplingParams] | None) -> SamplingParams:

@@ -183,10 +183,20 @@ class SamplingBatch:
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
 ) -> list[int]:
-    """One token per row of `logits` [B, V].
+    """One token per row of `logits` [B, V], on the host: `sample_ids` and its one
+    device-to-host copy."""
+    tokens: list[int] = sample_ids(logits, params, positions).tolist()
+    return tokens
+
+
+def sample_ids(
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> torch.Tensor:
+    """One token per row of `logits` [B, V], as int64 ids on its device (nothing waits for
+    them: the worker reads them after launching its next step).
 
     `positions[i]` is the position the sampled token will take in its job (prompt + output so
-    far), which keys the noise of seeded rows. One device-to-host copy: the sampled ids.
+    far), which keys the noise of seeded rows.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(positions):
         raise ValueError(
@@ -194,10 +204,9 @@ def sample(
             f"{tuple(logits.shape)}, {len(params)}, {len(positions)}"
         )
     if not params:
-        return []
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     batch = SamplingBatch.build(params, positions, logits.shape[1], logits.device)
-    tokens: list[int] = sample_on_device(logits, batch).tolist()
-    return tokens
+    return sample_on_device(logits, batch)
 
 
 def sample_on_device(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

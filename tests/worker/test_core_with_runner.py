@@ -10,7 +10,7 @@ from services.frontend.tokenizer import encode_prompt
 from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
-from testing.local_pipeline import LocalPipeline
+from testing.local_pipeline import LocalPipeline, run_to_end
 from testing.oracle import assert_greedy_matches, hf_greedy
 from testing.shuffling_policy import ShufflingPolicy
 
@@ -34,15 +34,14 @@ def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
         job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=5 + 6 * (i % 4))
         jobs.append(job)
         core.add_job(job)
-    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
     mixed_batches = 0
-    while core.has_work():
-        decision = core.schedule()
+
+    def count_mixed(decision, result):
+        nonlocal mixed_batches
         sizes = [len(c.token_ids) for c in decision.chunks]
         mixed_batches += 1 in sizes and any(n > 1 for n in sizes)
-        result = pipeline.execute(decision)
-        for event in core.update(decision, result.tokens):
-            outputs[event.job_id].extend(event.token_ids)
+
+    outputs = run_to_end(core, pipeline, count_mixed)
     pipeline.close()
     assert mixed_batches > 0
     if num_blocks == 10:
@@ -58,7 +57,6 @@ def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
 ):
     """Real model, real kvstore server (gRPC, in this process), background swaps: a pool so
     small that most jobs are swapped out and back in several times."""
-    import time
 
     from services.kvstore.server import serve
     from services.scheduler.core.profile import PerformanceProfile
@@ -83,17 +81,8 @@ def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
         job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=12 + 5 * (i % 3))
         jobs.append(job)
         core.add_job(job)
-    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
     try:
-        deadline = time.monotonic() + 120
-        while core.has_work():
-            assert time.monotonic() < deadline, "did not drain"
-            decision = core.schedule()
-            if decision.is_empty:
-                time.sleep(0.002)
-            result = pipeline.execute(decision)  # an empty one still reports finished swaps
-            for event in core.update(decision, result.tokens, result.swaps_done):
-                outputs[event.job_id].extend(event.token_ids)
+        outputs = run_to_end(core, pipeline, timeout_s=120)
     finally:
         pipeline.close()
         server.stop(0)

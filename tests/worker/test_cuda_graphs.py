@@ -122,3 +122,36 @@ def test_pipeline_stages_in_buckets_match_one_runner(llama, llama_prompts):
 def test_capture_needs_cuda(llama):
     with pytest.raises(ValueError, match="CUDA device"):
         ModelRunner(llama, num_blocks=8, block_size=4, graph_max_batch=2, capture_graphs=True)
+
+
+@pytest.mark.parametrize("flag", ["--cuda-graph-max-batch", "--cuda-graph-max-len"])
+def test_the_worker_refuses_negative_graph_settings_naming_the_flag(flag):
+    import argparse
+
+    from services.worker.main import add_arguments, check_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    check_args(parser.parse_args(["--model", "m", flag, "0"]))  # 0: graphs off / model length
+    with pytest.raises(SystemExit, match=f"worker: {flag} must be >= 0, got -1"):
+        check_args(parser.parse_args(["--model", "m", flag, "-1"]))
+
+
+def test_padding_rows_write_only_the_scratch_block(llama):
+    """Three decodes padded to bucket 4: each job's K/V lands at its own position, the padding
+    row's on the scratch block, and no other byte of the pool changes."""
+    runner = ModelRunner(
+        llama, num_blocks=16, block_size=4, graph_max_batch=4, capture_graphs=False
+    )
+    cache = runner.kv_cache
+    cache.data.normal_()
+    before = cache.data.clone()
+    seqs = [SeqChunk(f"j{i}", [5], 2, [i], True) for i in range(3)]  # position 2 of block i
+    inputs = runner.prepare(seqs)
+    assert inputs.bucket == 4
+    runner.forward(inputs)
+    changed = cache.data != before  # [blocks, layers, K/V, position, heads, dim]
+    blocks = changed.flatten(1).any(1).nonzero().flatten().tolist()
+    assert blocks == [0, 1, 2, cache.scratch_block]
+    positions = changed[:3].transpose(0, 3).flatten(1).any(1).nonzero().flatten().tolist()
+    assert positions == [2]

@@ -20,7 +20,7 @@ from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.pipeline import StageDeviceError, StageGroup, first_shared_device
 from services.worker.stage_layout import parse_layer_split, split_layers
-from testing.local_pipeline import LocalPipeline
+from testing.local_pipeline import LocalPipeline, run_to_end
 from testing.oracle import assert_greedy_matches, hf_greedy
 from testing.shuffling_policy import ShufflingPolicy
 
@@ -73,16 +73,14 @@ def test_stages_give_the_whole_models_greedy_output(tiny_hf_model, tiny_tokenize
         job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
         jobs.append(job)
         core.add_job(job)
-    outputs: dict[str, list[int]] = {job.job_id: [] for job in jobs}
     waits = []
-    while core.has_work():
-        decision = core.schedule()
-        result = pipeline.execute(decision)
+
+    def check_stages(decision, result):
         results = pipeline.stage_results
         assert all(not r.tokens for r in results[:-1]), "only the last stage samples"
         waits.append([r.wait_s for r in results])
-        for event in core.update(decision, result.tokens):
-            outputs[event.job_id].extend(event.token_ids)
+
+    outputs = run_to_end(core, pipeline, check_stages)
     pipeline.close()
     assert core.counters.num_recomputed_jobs > 0  # the pool is small enough to force recompute
     assert all(w[0] == 0.0 for w in waits)  # stage 0 never waits for activations
