@@ -78,14 +78,25 @@ def test_killing_the_kvstore_mid_run_loses_no_request(
         os.kill(kvstore_pid, signal.SIGKILL)
         killed.set()
 
+    def restarted():
+        # The launcher polls its children every 0.2 s, so the requests can all finish before
+        # it has noticed the death: wait for the new kvstore instead of reading too early.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            alive = [p for p in stack.child_pids() if pid_alive(p)]
+            if len(alive) == 4 and any("kvstore is ready again" in line for line in stack.output):
+                return alive
+            time.sleep(0.05)
+        return [p for p in stack.child_pids() if pid_alive(p)]
+
     try:
         outputs = run_all(stack, pause=kill_when_swapping)
         stats = stack.scheduler_stats()
-        restarted = [p for p in stack.child_pids() if pid_alive(p)]
+        alive = restarted()
     finally:
         assert stack.stop() == 0
     assert killed.is_set() and not pid_alive(kvstore_pid)
-    assert len(restarted) == 4  # the launcher started a new kvstore
+    assert len(alive) == 4 and kvstore_pid not in alive  # the launcher started a new kvstore
     assert any("kvstore exited" in line and "restarting" in line for line in stack.output)
     check_exact(outputs, tiny_hf_model, tiny_tokenizer)
     assert stats["swapped_out_jobs"] >= 2
