@@ -18,15 +18,13 @@ def run_two_stages(devices: list[str], backend: str) -> Result:
     import torch
 
     from services.common.model_source import load_model, load_tokenizer, resolve_model
-    from services.frontend.tokenizer import encode_prompt
-    from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
     from services.worker.executor import Executor
     from services.worker.model_runner import ModelRunner
     from services.worker.pipeline import StageGroup
     from services.worker.stage_layout import split_layers
     from testing.local_pipeline import LocalPipeline, run_to_end
     from testing.oracle import assert_greedy_matches, hf_greedy
-    from testing.shuffling_policy import ShufflingPolicy
+    from testing.shuffling_policy import shuffled_core, stage_prompts
     from testing.stack import free_port
     from testing.tiny_model import tiny_llama_dir
 
@@ -47,17 +45,10 @@ def run_two_stages(devices: list[str], backend: str) -> Result:
     pipeline = LocalPipeline(executors)
     started = time.perf_counter()
     pipeline.open()
-    config = SchedulerConfig(
-        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
-        max_batched_tokens=48,
+    core, jobs = shuffled_core(
+        tokenizer, stage_prompts("Stage check"), seed=1, max_batched_tokens=48,
+        num_blocks=num_blocks, block_size=block_size,
     )  # fmt: skip
-    core = SchedulerCore(config, ShufflingPolicy(1))
-    jobs = []
-    for i in range(6):
-        prompt = f"Stage check {i}: " + "pipelines pass activations " * (1 + i % 4)
-        job = Job(f"j{i}", encode_prompt(tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
-        jobs.append(job)
-        core.add_job(job)
     iterations = 0
 
     def count(decision: Any, result: Any) -> None:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.frontend.tokenizer import encode_prompt
-from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from testing.local_pipeline import LocalPipeline, run_to_end
 from testing.oracle import assert_greedy_matches, hf_greedy
-from testing.shuffling_policy import ShufflingPolicy
+from testing.shuffling_policy import shuffled_core
 
 
 @pytest.mark.parametrize(("num_blocks", "seed"), [(40, 1), (40, 2), (10, 3)])
@@ -23,17 +21,14 @@ def test_shuffled_preemption_and_recompute_keep_greedy_output_exact(
     executor = Executor(ModelRunner(tiny_hf_model, num_blocks=num_blocks, block_size=block_size))
     pipeline = LocalPipeline([executor])
     pipeline.open()
-    config = SchedulerConfig(
-        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
-        max_batched_tokens=64,
+    prompts = [
+        (f"Job {i}: " + "tell me something interesting " * (1 + i % 5), 5 + 6 * (i % 4))
+        for i in range(10)
+    ]
+    core, jobs = shuffled_core(
+        tiny_tokenizer, prompts, seed=seed, max_batched_tokens=64,
+        num_blocks=num_blocks, block_size=block_size,
     )  # fmt: skip
-    core = SchedulerCore(config, ShufflingPolicy(seed))
-    jobs = []
-    for i in range(10):
-        prompt = f"Job {i}: " + "tell me something interesting " * (1 + i % 5)
-        job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=5 + 6 * (i % 4))
-        jobs.append(job)
-        core.add_job(job)
     mixed_batches = 0
 
     def count_mixed(decision, result):
@@ -69,18 +64,15 @@ def test_swapping_through_a_real_kvstore_keeps_greedy_output_exact(
     pipeline.open()
     # A profile where recomputing is dear, so every eviction swaps.
     dear_prefill = PerformanceProfile(prefill_s=((1, 1.0), (512, 512.0)), decode_s=((1, 0.01),))
-    config = SchedulerConfig(
-        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
-        max_batched_tokens=64, kv_policy=kv_policy, swap_enabled=True,
+    prompts = [
+        (f"Job {i}: " + "tell me something interesting " * (1 + i % 4), 12 + 5 * (i % 3))
+        for i in range(10)
+    ]
+    core, jobs = shuffled_core(
+        tiny_tokenizer, prompts, seed=7, max_batched_tokens=64, profile=dear_prefill,
+        num_blocks=num_blocks, block_size=block_size, kv_policy=kv_policy, swap_enabled=True,
         block_bytes=runner.block_bytes, reserve_blocks=2,
     )  # fmt: skip
-    core = SchedulerCore(config, ShufflingPolicy(7), profile=dear_prefill)
-    jobs = []
-    for i in range(10):
-        prompt = f"Job {i}: " + "tell me something interesting " * (1 + i % 4)
-        job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=12 + 5 * (i % 3))
-        jobs.append(job)
-        core.add_job(job)
     try:
         outputs = run_to_end(core, pipeline, timeout_s=120)
     finally:

@@ -5,15 +5,12 @@ short); greedy output must equal transformers' whole-model output."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 import torch
 
 from services.common.sampling import GREEDY
-from services.frontend.tokenizer import encode_prompt
-from services.scheduler.core import Job, SchedulerConfig, SchedulerCore
 from services.worker.batch import SeqChunk
 from services.worker.command import Command, Step
 from services.worker.executor import Executor
@@ -22,13 +19,8 @@ from services.worker.pipeline import StageDeviceError, StageGroup, first_shared_
 from services.worker.stage_layout import parse_layer_split, split_layers
 from testing.local_pipeline import LocalPipeline, run_to_end
 from testing.oracle import assert_greedy_matches, hf_greedy
-from testing.shuffling_policy import ShufflingPolicy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testing.shuffling_policy import shuffled_core, stage_prompts
+from testing.stack import free_port
 
 
 def test_even_split_puts_the_remainder_first_and_explicit_splits_are_checked():
@@ -62,17 +54,10 @@ def test_stages_give_the_whole_models_greedy_output(tiny_hf_model, tiny_tokenize
     block_size, num_blocks = 16, 6
     pipeline = LocalPipeline(make_stages(tiny_hf_model, layer_split, num_blocks, block_size))
     pipeline.open()  # the stages form their group
-    config = SchedulerConfig(
-        num_blocks=num_blocks, block_size=block_size, max_model_len=512, max_batch_size=3,
-        max_batched_tokens=48,
+    core, jobs = shuffled_core(
+        tiny_tokenizer, stage_prompts("Stage test"), seed=len(layer_split),
+        max_batched_tokens=48, num_blocks=num_blocks, block_size=block_size,
     )  # fmt: skip
-    core = SchedulerCore(config, ShufflingPolicy(len(layer_split)))
-    jobs = []
-    for i in range(6):
-        prompt = f"Stage test {i}: " + "pipelines pass activations " * (1 + i % 4)
-        job = Job(f"j{i}", encode_prompt(tiny_tokenizer, prompt), max_tokens=4 + 5 * (i % 3))
-        jobs.append(job)
-        core.add_job(job)
     waits = []
 
     def check_stages(decision, result):
